@@ -1,0 +1,73 @@
+"""What ``make help`` prints, and the lists the Makefile reads, all from the tables.
+
+    python3 -m backends.catalog            # the help page
+    python3 -m backends.catalog stages     # stage names, one line (Makefile targets)
+    python3 -m backends.catalog make-flags # VAR=flag=kind triples (Makefile -> invoke flags)
+
+Standard library only: ``make help`` works before ``make setup``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from backends.knobs import KNOBS
+from backends.presets import DEFAULT_PRESET, PRESETS
+from backends.stages import STAGES
+
+OTHER_TARGETS = (
+    ("setup", "create .venv and install the project (every target does this when needed)"),
+    ("test", "run the test suite (CPU, offline)"),
+    ("lint", "ruff check + format check"),
+    ("help", "this page"),
+)
+
+
+def help_text() -> str:
+    lines = [
+        "nanochat: train your own ChatGPT. The same command runs on every backend.",
+        "",
+        "usage: make <stage> [KNOB=value ...]    (the same as: invoke <stage> --knob value)",
+        "",
+        "Stages, in pipeline order (hardware: cpu | gpu = one GPU | gpus = GPUS processes):",
+    ]
+    for stage in STAGES:
+        todo = "" if stage.implemented() else "  [not implemented yet]"
+        lines.append(f"  {stage.name:<15} {stage.hardware:<5} {stage.summary}{todo}")
+    lines += ["", "Other targets:"]
+    lines += [f"  {name:<15} {text}" for name, text in OTHER_TARGETS]
+    lines += ["", "Knobs:"]
+    for knob in KNOBS:
+        value = "1" if knob.kind == "bool" else "..."
+        lines.append(f"  {knob.make_var + '=' + value:<18} {knob.help}")
+    lines += ["", f"Presets (PRESET=..., default {DEFAULT_PRESET}):"]
+    for preset in PRESETS.values():
+        knobs = " ".join(f"{k.upper()}={v}" for k, v in preset.knobs.items())
+        lines.append(f"  {preset.name:<10} {preset.summary}")
+        lines.append(f"  {'':<10} {knobs}")
+    lines += [
+        "",
+        "Examples:",
+        "  make tokenizer PRESET=tiny                      # embedded corpus + BPE, offline",
+        "  make pretrain DEPTH=12 GPUS=8 DRY_RUN=1         # print the exact torchrun command",
+        "  make download PRESET=speedrun                   # 150 ClimbMix shards + validation",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    what = argv[0] if argv else "help"
+    if what == "stages":
+        print(" ".join(stage.name for stage in STAGES))
+    elif what == "make-flags":
+        print(" ".join(f"{k.make_var}={k.flag}={k.kind}" for k in KNOBS))
+    elif what == "help":
+        print(help_text())
+    else:
+        print(f"error: unknown listing {what!r} (stages, make-flags, help)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,93 @@
+"""The knobs a user turns: ``make <stage> KNOB=value`` == ``invoke <stage> --knob value``.
+
+One row per knob. The Makefile, the Invoke task signatures and ``make help`` are all
+generated from this table, and ``resolve`` turns raw user strings into checked values
+(one clear error per bad value, raised before anything runs).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from nanochat.common import UsageError
+
+BACKENDS = ("local", "docker", "modal")
+CHECKPOINT_SOURCES = ("base", "mid", "sft", "rl")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str  # python / invoke name: device_batch -> --device-batch, DEVICE_BATCH
+    help: str
+    kind: str = "str"  # "str" | "int" | "bool"
+
+    @property
+    def make_var(self) -> str:
+        return self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("backend", "where to run: local | docker | modal (default local)"),
+    Knob("preset", "tiny | quick | speedrun | gpt2: sets of defaults (default tiny)"),
+    Knob("depth", "model depth; width = 64*depth rounded up to 128 (the size dial)", "int"),
+    Knob("gpus", "processes per node (GPUs; CPU processes when no GPU is visible)", "int"),
+    Knob("gpu", "Modal GPU type and count, e.g. H100:8 or A100-80GB:4"),
+    Knob("shards", "training shards to download (the validation shard comes too)", "int"),
+    Knob("device_batch", "sequences per device per micro-step", "int"),
+    Knob("run", "wandb run name; 'dummy' turns wandb off"),
+    Knob("base_dir", "artifacts root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"),
+    Knob("dataset", "climbmix | fineweb-edu | embedded | a custom name with SOURCE=folder"),
+    Knob("source", "download: mirror URL or local folder; chat stages: base|mid|sft|rl"),
+    Knob("args", "extra flags passed verbatim to the stage script, e.g. ARGS='--vocab-size=8192'"),
+    Knob("dry_run", "print the exact command(s) and run nothing", "bool"),
+)
+KNOBS_BY_NAME = {knob.name: knob for knob in KNOBS}
+
+_GPU_SPEC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(:[1-9][0-9]*)?$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def parse_positive_int(knob: Knob, raw: str | int) -> int:
+    text = str(raw).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise UsageError(f"{knob.make_var} must be a positive integer, got {raw!r}")
+    return int(text)
+
+
+def check_raw(values: dict[str, object]) -> dict[str, object]:
+    """Type-check user-given knob values (None = not given). Returns the parsed values."""
+    parsed: dict[str, object] = {}
+    for name, raw in values.items():
+        knob = KNOBS_BY_NAME.get(name)
+        if knob is None:
+            raise UsageError(f"unknown knob {name!r}; knobs: {', '.join(KNOBS_BY_NAME)}")
+        if raw is None or raw == "":
+            continue
+        if knob.kind == "int":
+            parsed[name] = parse_positive_int(knob, raw)
+        elif knob.kind == "bool":
+            parsed[name] = bool(raw) and str(raw).lower() not in ("0", "false", "no")
+        else:
+            parsed[name] = str(raw)
+    if "backend" in parsed and parsed["backend"] not in BACKENDS:
+        raise UsageError(
+            f"unknown backend {parsed['backend']!r}; choose one of: {', '.join(BACKENDS)}"
+        )
+    if "gpu" in parsed and not _GPU_SPEC.match(str(parsed["gpu"])):
+        raise UsageError(f"GPU must look like H100:8 or A100-80GB, got {parsed['gpu']!r}")
+    if "dataset" in parsed and not _NAME.match(str(parsed["dataset"])):
+        raise UsageError(
+            f"DATASET must be a lowercase name like climbmix, got {parsed['dataset']!r}"
+        )
+    if "args" in parsed:
+        try:
+            shlex.split(str(parsed["args"]))
+        except ValueError as exc:
+            raise UsageError(f"ARGS cannot be split like a shell line: {exc}") from None
+    return parsed

@@ -1,0 +1,65 @@
+"""Presets: named sets of knob defaults. They differ only in flags, never in stages.
+
+A knob the user sets wins over the preset; a knob neither sets is left to the stage
+script's own default (so every default is defined once). Stage-specific flags per preset
+live in the stage table (backends/stages.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nanochat.common import UsageError
+
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    knobs: dict[str, object] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "tiny",
+            "CPU, offline, embedded corpus: the whole pipeline in minutes on 2 cores",
+            {"dataset": "embedded", "depth": 4, "gpus": 1, "run": "dummy"},
+        ),
+        Preset(
+            "quick",
+            "d12 on 8 ClimbMix shards: the seed's quick test (~1 h on 4 GPUs)",
+            {"dataset": "climbmix", "shards": 8, "depth": 12, "gpu": "A100-80GB:4"},
+        ),
+        Preset(
+            # d20 at the default params:data ratio of 12 needs ~5.2B tokens, about 110
+            # ClimbMix shards of ~50M tokens each (DESIGN B.1/B.4); 150 leaves a margin.
+            "speedrun",
+            "d20: the seed's default speedrun (~4 h on 8 GPUs)",
+            {"dataset": "climbmix", "shards": 150, "depth": 20, "gpu": "H100:8"},
+        ),
+        Preset(
+            # d24 at ratio ~8 needs ~5.8B tokens; ~150 ClimbMix shards suffice for GPT-2
+            # grade upstream (DESIGN B.1), 170 leaves a margin.
+            "gpt2",
+            "d24, GPT-2 grade CORE (DESIGN B.9)",
+            {
+                "dataset": "climbmix",
+                "shards": 170,
+                "depth": 24,
+                "device_batch": 16,
+                "gpu": "H100:8",
+            },
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -1,0 +1,31 @@
+"""Shared test fixtures: every test gets its own artifacts root, never ~/.cache/nanochat."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture(autouse=True)
+def base_dir(tmp_path, monkeypatch):
+    """A fresh NANOCHAT_BASE_DIR per test."""
+    path = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
+    return path
+
+
+def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120):
+    """Run a front-end command (make / invoke / python -m) from the repo root."""
+    full_env = dict(os.environ)
+    full_env["PATH"] = VENV_BIN + os.pathsep + full_env.get("PATH", "")
+    full_env.update(env or {})
+    return subprocess.run(
+        argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
