@@ -34,9 +34,20 @@ def die(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def stamp(message: str) -> str:
+    """``[HH:MM:SS] message``: the prefix of every progress line."""
+    return f"[{time.strftime('%H:%M:%S')}] {message}"
+
+
 def log(message: str) -> None:
     """A timestamped progress line on stderr (stdout is kept for results)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    print(stamp(message), file=sys.stderr, flush=True)
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An exception (or text) squeezed onto one line of at most 400 characters."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 class CliParser(argparse.ArgumentParser):

@@ -3,11 +3,15 @@
 ``base_data/<dataset>/shard_NNNNN.parquet``, zstd, row groups of 1024 documents (DESIGN B.1).
 The highest-numbered shard of a folder is the validation split; all others are training.
 Stage 1 (``nanochat.dataset``) writes shards with this module; the tokenizer and the data
-loader read them with it.
+loader read them with it. The folder section is stage 1's guard for a folder being written:
+one writer at a time (``<folder>/.lock``) and a ``.building`` marker while it is rebuilt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -90,3 +94,65 @@ def iter_texts(paths: Iterable[Path]) -> Iterator[str]:
         pf = pq.ParquetFile(path)
         for rg in range(pf.num_row_groups):
             yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
+
+# ----------------------------------------------------------------------------- folders
+
+BUILDING_MARKER = ".building"  # present while a folder is being (re)built
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive, non-blocking flock on ``<folder>/.lock``; FolderBusy if already held.
+
+    The lock file is never deleted: removing it would let two processes lock two different
+    inodes. The kernel drops the lock when the process dies, so it cannot go stale.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(
+                f"another nanochat.dataset run is writing {folder} (lock {lock_path} is held); "
+                "wait for it to finish"
+            ) from None
+        sweep_temp_files(folder)  # leftovers of a run killed hard (SIGKILL, power loss)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def sweep_temp_files(folder: Path) -> None:
+    for tmp in folder.glob(".shard_*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def clear_shards(folder: Path) -> None:
+    for path in list_shards(folder):
+        path.unlink()
+
+
+def folder_complete(folder: Path) -> bool:
+    """At least two shards, all valid, and no interrupted build."""
+    if (folder / BUILDING_MARKER).exists():
+        return False
+    found = list_shards(folder)
+    return len(found) >= 2 and all(verify_shard(p) is None for p in found)
+
+
+@contextlib.contextmanager
+def building(folder: Path) -> Iterator[None]:
+    """Mark the folder as being rebuilt (old shards cleared); the mark goes only on success,
+    so an interrupted build is never taken for a complete one."""
+    marker = folder / BUILDING_MARKER
+    marker.touch()
+    clear_shards(folder)
+    yield
+    marker.unlink()

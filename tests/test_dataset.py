@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, embedded_corpus, shards
+from nanochat import dataset, download, embedded_corpus, shards
 
 REPO = Path(__file__).resolve().parents[1]
 VAL = dataset.REMOTE_DATASETS["climbmix"].validation_index  # 6542
@@ -302,7 +302,7 @@ def test_interrupt_mid_stream_leaves_no_partial_file(server, base, good, sig, co
 def test_second_run_into_a_locked_folder_exits_2(server, base, good):
     serve_all(server, good)
     folder = folder_of(base)
-    with dataset.folder_lock(folder):
+    with shards.folder_lock(folder):
         proc = run_cli(download_args(server), base)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
@@ -317,14 +317,14 @@ def test_leftover_temp_files_are_swept_under_the_lock(base):
     folder.mkdir(parents=True)
     leftover = folder / ".shard_00003.parquet.abc123.tmp"
     leftover.write_bytes(b"partial")
-    with dataset.folder_lock(folder):
+    with shards.folder_lock(folder):
         assert not leftover.exists()
 
 
 def test_hf_token_goes_to_huggingface_only(server, base, good, monkeypatch, capsys):
     secret = "hf_secret_token_value"
     monkeypatch.setenv("HF_TOKEN", secret)
-    hub = dataset.Downloader(dataset.REMOTE_DATASETS["climbmix"].base_url, base)
+    hub = download.Downloader(dataset.REMOTE_DATASETS["climbmix"].base_url, base)
     assert hub._session().headers["Authorization"] == f"Bearer {secret}"
     serve_all(server, good)
     assert dataset.main(download_args(server)) == 0
@@ -364,7 +364,7 @@ def test_embedded_corpus_shape(embedded_builds):
     assert 0.02 <= len(val_texts) / len(texts) <= 0.10
     assert len(set(texts)) == len(texts)  # deduplicated
     assert all(len(t) >= embedded_corpus.MIN_DOCSTRING_CHARS for t in texts)
-    assert not (folder / dataset.BUILDING_MARKER).exists()
+    assert not (folder / shards.BUILDING_MARKER).exists()
 
 
 def test_embedded_corpus_is_deterministic(embedded_builds):
@@ -387,7 +387,7 @@ def test_ensure_embedded_rebuilds_only_when_incomplete(tmp_path, monkeypatch):
     assert folder == shards.data_dir(tmp_path, "embedded") and len(calls) == 1
     dataset.ensure_embedded(tmp_path)
     assert len(calls) == 1  # complete: left alone
-    (folder / dataset.BUILDING_MARKER).touch()  # an interrupted build
+    (folder / shards.BUILDING_MARKER).touch()  # an interrupted build
     dataset.ensure_embedded(tmp_path)
     assert len(calls) == 2
 
@@ -536,7 +536,7 @@ def test_parser_defaults_and_preset_args():
         ["--dataset", "climbmix", "--source", "."],  # a remote name for a folder
     ],
 )
-def test_bad_input_exits_2_with_one_line(argv, base, capsys):
+def test_bad_input_exits_2_withone_line(argv, base, capsys):
     with pytest.raises(SystemExit) as exc:
         dataset.main(argv)
     assert exc.value.code == 2
