@@ -536,7 +536,7 @@ def test_parser_defaults_and_preset_args():
         ["--dataset", "climbmix", "--source", "."],  # a remote name for a folder
     ],
 )
-def test_bad_input_exits_2_withone_line(argv, base, capsys):
+def test_bad_input_exits_2_with_one_line(argv, base, capsys):
     with pytest.raises(SystemExit) as exc:
         dataset.main(argv)
     assert exc.value.code == 2
