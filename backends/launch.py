@@ -47,11 +47,10 @@ def check_source(stage: Stage, source: str) -> None:
         raise UsageError(f"SOURCE must be one of {', '.join(CHECKPOINT_SOURCES)}, got {source!r}")
 
 
-def process_count(stage: Stage, gpus: int | None, check: bool) -> int:
+def process_count(stage: Stage, gpus: int | None, visible: int, check: bool) -> int:
     """Processes for the stage: GPUS, else every visible GPU, else 1 (CPU)."""
     if not stage.multiprocess:
         return 1
-    visible = local.visible_gpus()
     nproc = gpus or max(visible, 1)
     if check:
         if visible and nproc > visible:
@@ -85,10 +84,13 @@ def plan(stage_name: str, **raw: object) -> tuple[command.StageCommand, bool]:
         check_source(stage, str(knobs["source"]))
     base_dir = resolve_base_dir(knobs.get("base_dir"))
     check_writable(base_dir)
-    nproc = process_count(stage, knobs.get("gpus"), check=not dry_run)  # type: ignore[arg-type]
+    visible = local.visible_gpus()
+    gpus = int(knobs["gpus"]) if knobs.get("gpus") else None
+    nproc = process_count(stage, gpus, visible, check=not dry_run)
     if not dry_run and not stage.implemented():
         raise UsageError(f"stage {stage.name!r} is not implemented yet ({stage.module})")
-    threads = 1 if local.visible_gpus() else max(1, (os.cpu_count() or 1) // nproc)
+    # One thread per process with GPUs (they do the work); on CPU, share the cores out.
+    threads = 1 if visible else max(1, (os.cpu_count() or 1) // nproc)
     cmd = command.build(stage, preset.name, knobs, nproc, base_dir, omp_threads=threads)
     return cmd, dry_run
 
