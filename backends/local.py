@@ -1,8 +1,16 @@
 """The local backend: run a stage's command on this machine.
 
-The child gets its own process group; Ctrl-C and SIGTERM are forwarded to that whole group
-(torchrun and its workers included), and the child's exit code is returned (128+N when a
-signal N ended it). Output is inherited, so progress bars and logs stream as they are.
+Output is inherited, so progress bars and logs stream as they are, and the child's exit code
+is returned (128+N when signal N ended it). Signals, two cases:
+
+- not at a terminal (CI, docker, Modal, nohup): the child gets its own process group, and
+  SIGINT/SIGTERM sent to us are forwarded to that whole group (torchrun and its workers);
+- at a terminal: the child stays in our foreground process group, so Ctrl-C reaches it and
+  its workers directly, exactly once, and it keeps the terminal as its own (job control,
+  reading the keyboard in chat-cli); we wait for it to finish cleanly, and forward a
+  SIGTERM sent to us alone.
+
+A third signal kills the child outright: it had two chances to exit cleanly.
 """
 
 from __future__ import annotations
@@ -51,18 +59,26 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def run(command: StageCommand) -> int:
-    """Run the command to completion, forwarding SIGINT/SIGTERM; return its exit code."""
+    """Run the command to completion, forwarding signals as above; return its exit code."""
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     proc = subprocess.Popen(
-        command.argv, env=child_env(command.env), cwd=REPO_ROOT, start_new_session=True
+        command.argv,
+        env=child_env(command.env),
+        cwd=REPO_ROOT,
+        start_new_session=not interactive,
     )
     received = []
 
     def forward(signum, _frame):
         received.append(signum)
-        # A third interrupt means "stop now": the child had two chances to exit cleanly.
-        sig = signal.SIGKILL if len(received) >= 3 else signum
+        if len(received) >= 3:
+            sig = signal.SIGKILL
+        elif interactive and signum == signal.SIGINT:
+            return  # the terminal sent Ctrl-C to the child's group (ours) already
+        else:
+            sig = signum
         try:
-            os.killpg(proc.pid, sig)
+            (os.kill if interactive else os.killpg)(proc.pid, sig)
         except ProcessLookupError:
             pass
 

@@ -152,3 +152,77 @@ def test_real_torchrun_passes_flags_after_the_double_dash(tmp_path):
     assert local.run(cmd) == 0
     assert (tmp_path / "rank0").read_text() == "12 2 1"
     assert (tmp_path / "rank1").read_text() == "12 2 1"
+
+
+def _run_in_terminal(tmp_path, stage_code: str, dialogue: list[tuple[str, bytes]]):
+    """Run the local backend under a real pseudo-terminal, as a user's shell would: wait for
+    each expected text on the screen, then type the given bytes. Returns (exit code, screen)."""
+    import pty
+    import select
+
+    from conftest import REPO
+
+    (tmp_path / "probe_stage.py").write_text(textwrap.dedent(stage_code))
+    runner = RUNNER.format(repo=str(REPO), base=str(tmp_path / "base"), tmp=str(tmp_path))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: becomes the session leader of the new terminal
+        os.execv(sys.executable, [sys.executable, "-c", runner])
+    screen = b""
+    try:
+        for expect, typed in dialogue:
+            deadline = time.time() + 30
+            while expect.encode() not in screen:
+                assert time.time() < deadline, f"never saw {expect!r}; screen: {screen!r}"
+                if select.select([fd], [], [], 0.1)[0]:
+                    screen += os.read(fd, 4096)
+            os.write(fd, typed)
+        while True:  # drain until the terminal closes
+            if select.select([fd], [], [], 30)[0]:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: every process on the terminal has exited
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
+
+
+def test_at_a_terminal_the_stage_can_read_the_keyboard(tmp_path):
+    """An interactive stage (chat-cli) stays in the terminal's foreground group: reading
+    the keyboard works instead of stopping it with SIGTTIN."""
+    code, screen = _run_in_terminal(
+        tmp_path,
+        """
+        import sys
+        print("prompt>", flush=True)
+        print("got:" + sys.stdin.readline().strip(), flush=True)
+        """,
+        [("prompt>", b"hello\n")],
+    )
+    assert code == 0, screen
+    assert "got:hello" in screen
+
+
+def test_at_a_terminal_ctrl_c_reaches_the_stage_once(tmp_path):
+    code, screen = _run_in_terminal(
+        tmp_path,
+        """
+        import signal, sys, time
+        hits = []
+        def stop(signum, frame):
+            hits.append(signum)
+            time.sleep(0.5)  # a clean shutdown takes a moment; a forwarded copy would land here
+            print(f"interrupted {len(hits)}", flush=True)
+            sys.exit(7)
+        signal.signal(signal.SIGINT, stop)
+        print("ready", flush=True)
+        time.sleep(60)
+        """,
+        [("ready", b"\x03")],
+    )
+    assert code == 7, screen
+    assert "interrupted 1" in screen
