@@ -498,6 +498,7 @@ def test_tok_eval_without_tokenizer_exits_2(tmp_path, monkeypatch, capsys):
         (["--dataset", "nothing-here"], "no shards in"),
         (["--vocab-size", "265"], "--vocab-size must be at least 266"),
         (["--max-chars", "lots"], "expected a positive integer, got 'lots'"),
+        (["--doc-cap", "0"], "expected a positive integer, got '0'"),
     ],
 )
 def test_tok_train_bad_input_is_one_line_exit_2(tmp_path, args, message):
@@ -523,3 +524,30 @@ def test_tok_train_embedded_dataset(tmp_path, monkeypatch):
     tok = Tokenizer.load(tokenizer_dir(tmp_path))
     assert tok.trained_on["dataset"] == "embedded" and tok.trained_on["chars"] > 0
     assert tok.decode(tok.encode("Return the value.")) == "Return the value."
+
+
+@pytest.mark.parametrize("args", [["--max-chars", "0"], ["--max-chars", "1e6"]])
+def test_tok_eval_bad_input_is_one_line_exit_2(tmp_path, args):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.tok_eval", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "expected a positive integer" in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written, not even a report section
+
+
+def test_bad_input_leaves_an_existing_tokenizer_untouched(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    saved = tok.save(tokenizer_dir(tmp_path))
+    before = {f.name: f.read_bytes() for f in saved.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        tok_train.main(["--dataset", "nothing-here", "--vocab-size", "512"])
+    assert exit_info.value.code == 2
+    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
