@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.knobs import KNOBS_BY_NAME
+from backends.presets import get_preset
 from backends.stages import Stage
 from nanochat.common import BASE_DIR_ENV
 
@@ -32,14 +33,16 @@ class StageCommand:
 
 
 def script_args(stage: Stage, preset: str, knobs: Mapping[str, object]) -> list[str]:
-    """Knob flags in the stage's order, then the preset's extra flags, then ARGS verbatim
+    """Knob flags in the stage's order, then the preset's extra flags (those of the preset it
+    extends first), then ARGS verbatim
     (last, so a flag in ARGS overrides: argparse keeps the last occurrence)."""
     args = [
         f"{KNOBS_BY_NAME[name].flag}={knobs[name]}"
         for name in stage.knobs
         if knobs.get(name) is not None
     ]
-    args += stage.preset_args.get(preset, ())
+    for name in get_preset(preset).chain():
+        args += stage.preset_args.get(name, ())
     args += shlex.split(str(knobs.get("args") or ""))
     return args
 

@@ -34,7 +34,7 @@ class Knob:
 
 KNOBS: tuple[Knob, ...] = (
     Knob("backend", "where to run: local | docker | modal (default local)"),
-    Knob("preset", "tiny | quick | speedrun | gpt2: sets of defaults (default tiny)"),
+    Knob("preset", "tiny | smoke | quick | speedrun | gpt2: sets of defaults (default tiny)"),
     Knob("depth", "model depth; width = 64*depth rounded up to 128 (the size dial)", "int"),
     Knob("gpus", "processes per node (GPUs; CPU processes when no GPU is visible)", "int"),
     Knob("gpu", "Modal GPU type and count, e.g. H100:8 or A100-80GB:4; 'cpu' = no GPU"),

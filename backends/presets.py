@@ -19,7 +19,24 @@ class Preset:
     name: str
     summary: str
     knobs: dict[str, object] = field(default_factory=dict)
+    # A preset that refines another: its knobs start from that one's, and each stage gets
+    # that preset's flags first, then this one's (argparse keeps the last occurrence).
+    extends: str | None = None
 
+    def chain(self) -> tuple[str, ...]:
+        """This preset's lineage, oldest first: ("tiny", "smoke") for smoke."""
+        return (*PRESETS[self.extends].chain(), self.name) if self.extends else (self.name,)
+
+
+# GPU=cpu: on Modal, tiny runs in CPU containers (a cheap remote smoke test).
+TINY_KNOBS = {
+    "dataset": "embedded",
+    "depth": 4,
+    "gpus": 1,
+    "device_batch": 16,
+    "run": "dummy",
+    "gpu": "cpu",
+}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -27,15 +44,14 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "tiny",
             "CPU, offline, embedded corpus: the whole pipeline in minutes on 2 cores",
-            # GPU=cpu: on Modal, tiny runs in CPU containers (a cheap remote smoke test).
-            {
-                "dataset": "embedded",
-                "depth": 4,
-                "gpus": 1,
-                "device_batch": 16,
-                "run": "dummy",
-                "gpu": "cpu",
-            },
+            TINY_KNOBS,
+        ),
+        Preset(
+            "smoke",
+            "tiny at the fewest steps that still run every stage (~2 min on 2 cores): a "
+            "first check of a machine or backend; the tests run it",
+            TINY_KNOBS,
+            extends="tiny",
         ),
         Preset(
             "quick",

@@ -71,6 +71,9 @@ TINY_CHAT_TRAINING = (
     "--save-every=30",
 )
 
+# smoke (extends tiny): the same stages at a few steps each, to check the wiring quickly.
+SMOKE_CHAT_TRAINING = ("--num-steps=4", "--eval-every=2", "--eval-batches=1", "--save-every=2")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "download",
@@ -82,6 +85,18 @@ STAGES: tuple[Stage, ...] = (
         source_is_data=True,
         # Always re-run: it verifies every shard and fetches only missing or damaged ones.
         timeout_h=3,
+        retries=2,
+    ),
+    Stage(
+        "task-data",
+        "scripts.task_data",
+        "fetch the chat datasets (GSM8K, ARC, MMLU, HumanEval, SmolTalk) from the hub",
+        "cpu",
+        writes=("task_data/",),
+        # tiny: the chat stages use the embedded miniatures, so there is nothing to fetch.
+        preset_args={"tiny": ("--tasks=embedded",)},
+        # Always re-run: it verifies every file and fetches only missing or damaged ones.
+        timeout_h=1,
         retries=2,
     ),
     Stage(
@@ -127,7 +142,8 @@ STAGES: tuple[Stage, ...] = (
                 "--eval-every=40",
                 "--eval-batches=8",
                 "--save-every=40",
-            )
+            ),
+            "smoke": ("--num-steps=10", "--eval-every=5", "--eval-batches=2", "--save-every=5"),
         },
         done="report/pretrain.md",
         explain="scripts.base_train:explain",
@@ -143,7 +159,10 @@ STAGES: tuple[Stage, ...] = (
         reads=("base_checkpoints/", "tokenizer/", "base_data/{dataset}/"),
         writes=("eval_bundle/", "report/base-eval.md", "report/base-eval-core.csv"),
         # tiny: the embedded miniature CORE bundle (offline); never a silent fallback.
-        preset_args={"tiny": ("--bundle=embedded",)},
+        preset_args={
+            "tiny": ("--bundle=embedded",),
+            "smoke": ("--max-per-task=16", "--bpb-steps=2"),
+        },
         done="report/base-eval.md",
         timeout_h=4,
     ),
@@ -155,7 +174,7 @@ STAGES: tuple[Stage, ...] = (
         knobs=("device_batch", "run"),
         reads=("base_checkpoints/", "task_data/"),
         writes=("mid_checkpoints/", "report/midtrain.md"),
-        preset_args={"tiny": (*TINY_CHAT_TRAINING, "--lr-scale=4")},
+        preset_args={"tiny": (*TINY_CHAT_TRAINING, "--lr-scale=4"), "smoke": SMOKE_CHAT_TRAINING},
         done="report/midtrain.md",
         timeout_h=8,
         retries=3,
@@ -168,7 +187,10 @@ STAGES: tuple[Stage, ...] = (
         knobs=("source", "device_batch", "run"),
         reads=(CKPT, "task_data/"),
         writes=("sft_checkpoints/", "report/sft.md"),
-        preset_args={"tiny": (*TINY_CHAT_TRAINING, "--init-lr-frac=0.2")},
+        preset_args={
+            "tiny": (*TINY_CHAT_TRAINING, "--init-lr-frac=0.2"),
+            "smoke": SMOKE_CHAT_TRAINING,
+        },
         done="report/sft.md",
         timeout_h=8,
         retries=3,
@@ -181,6 +203,20 @@ STAGES: tuple[Stage, ...] = (
         knobs=("source", "device_batch", "run"),
         reads=(CKPT, "task_data/"),
         writes=("rl_checkpoints/", "report/rl.md"),
+        # tiny: a few steps of 4 prompts x 4 samples on the embedded GSM8K miniature.
+        preset_args={
+            "tiny": (
+                "--tasks=embedded",
+                "--num-steps=12",
+                "--prompts-per-step=4",
+                "--samples=4",
+                "--max-new-tokens=64",
+                "--eval-every=6",
+                "--eval-problems=16",
+                "--save-every=6",
+            ),
+            "smoke": ("--num-steps=2", "--eval-every=1", "--eval-problems=4", "--save-every=1"),
+        },
         done="report/rl.md",
         timeout_h=8,
         retries=3,
@@ -194,7 +230,8 @@ STAGES: tuple[Stage, ...] = (
         reads=(CKPT, "task_data/"),
         writes=("report/chat-eval-{source}.md",),
         preset_args={
-            "tiny": ("--tasks=embedded", "--max-problems=20", "--max-new-tokens=64", "--batch=8")
+            "tiny": ("--tasks=embedded", "--max-problems=20", "--max-new-tokens=64", "--batch=8"),
+            "smoke": ("--max-problems=4", "--max-new-tokens=32"),
         },
         done="report/chat-eval-{source}.md",
         timeout_h=4,

@@ -18,7 +18,10 @@ BAD_KNOBS = [
     ({"shards": "1.5"}, "SHARDS must be a positive integer, got '1.5'"),
     ({"device_batch": "x"}, "DEVICE_BATCH must be a positive integer"),
     ({"backend": "nope"}, "unknown backend 'nope'; choose one of: local, docker, modal"),
-    ({"preset": "huge"}, "unknown preset 'huge'; choose one of: tiny, quick, speedrun, gpt2"),
+    (
+        {"preset": "huge"},
+        "unknown preset 'huge'; choose one of: tiny, smoke, quick, speedrun, gpt2",
+    ),
     ({"gpu": "H100:0"}, "GPU must look like H100:8"),
     ({"dataset": "../etc"}, "DATASET must be a lowercase name"),
     ({"args": "--x 'unclosed"}, "ARGS cannot be split like a shell line"),
@@ -37,7 +40,9 @@ def test_bad_knob_is_a_usage_error(knobs, message):
 
 
 def test_unknown_stage():
-    with pytest.raises(UsageError, match="unknown stage 'bogus'; stages: download, tokenizer"):
+    with pytest.raises(
+        UsageError, match="unknown stage 'bogus'; stages: download, task-data, tokenizer"
+    ):
         plan("bogus")
 
 

@@ -13,11 +13,12 @@ from backends.catalog import OTHER_TARGETS, help_text
 from backends.knobs import KNOBS
 from backends.launch import plan
 from backends.presets import PRESETS
-from backends.stages import STAGES
+from backends.stages import STAGES, STAGES_BY_NAME
 
 ALL_STAGES = [s.name for s in STAGES]
 PIPELINE = [
     "download",
+    "task-data",
     "tokenizer",
     "tokenizer-eval",
     "pretrain",
@@ -178,3 +179,12 @@ def test_make_help_and_invoke_list_show_every_stage():
     # Every other target of `make help` is an invoke task too, except the Makefile's own.
     others = {name for name, _ in OTHER_TARGETS} - {"setup", "help", "browser"}
     assert names == set(ALL_STAGES) | others
+
+
+def test_smoke_extends_tiny_and_its_flags_come_after_tinys():
+    """smoke keeps tiny's knobs and flags; its own flags follow, so they win in argparse."""
+    assert PRESETS["smoke"].knobs == PRESETS["tiny"].knobs
+    assert PRESETS["smoke"].chain() == ("tiny", "smoke")
+    args = command.script_args(STAGES_BY_NAME["pretrain"], "smoke", PRESETS["smoke"].knobs)
+    assert args.index("--num-steps=80") < args.index("--num-steps=10")
+    assert "--lr-scale=4" in args
