@@ -29,7 +29,6 @@ import argparse
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from urllib.parse import urlsplit
 from nanochat import shards
 from nanochat.common import CliParser, base_dir, log, non_negative_float, one_line, positive_int
 from nanochat.custom_data import InputError, convert_folder
-from nanochat.download import Downloader
+from nanochat.download import Downloader, Terminated, sigterm_as_interrupt
 from nanochat.shards import FolderBusy, building, folder_complete, folder_lock
 
 # ----------------------------------------------------------------------------- datasets
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     _validate(parser, args)
     base = base_dir()
     folder = shards.data_dir(base, args.dataset)
-    previous = _sigterm_as_interrupt()
+    previous = sigterm_as_interrupt()
     try:
         if args.dataset == EMBEDDED:
             ensure_embedded(base)
@@ -264,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         log("interrupted; no partial shard was left under a final name")
-        return 143 if isinstance(exc, _Terminated) else 130
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -319,21 +318,6 @@ def _run_convert(args: argparse.Namespace, folder: Path) -> int:
             f"shards (last = validation) in {time.monotonic() - start:.1f} s -> {folder}"
         )
     return 0
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, unwound like Ctrl-C."""
-
-
-def _sigterm_as_interrupt():
-    """docker stop / the local backend send SIGTERM: clean up like Ctrl-C (temp files go)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise _Terminated
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
-"""Stage 1's HTTP downloader: fetch numbered shards from a base URL into a folder.
+"""The pipeline's HTTP downloader: fetch files in parallel, verified, atomically, with retries.
 
 ``Downloader(base_url, folder).run(indices)`` GETs ``<base_url>/shard_NNNNN.parquet`` for
-each index in parallel threads, skipping shards already present and valid. Each body goes
-to a temp file, is checked with ``shards.verify_shard`` and only then renamed into place;
-transient failures (5xx, 408/429, dropped connections, short or invalid bodies) are retried
-with jittered exponential backoff. The caller (``nanochat.dataset``) holds the folder lock.
+each index (stage 1, ``nanochat.dataset``); ``run_jobs(jobs)`` fetches any list of
+``Job(url, path, verify)`` (the chat task data, ``scripts.task_data``), and ``get_json(url)``
+reads a small JSON document (a file listing) under the same retry rules. Files already
+present and valid are skipped. Each body goes to a temp file, is checked with the job's
+``verify`` (``shards.verify_shard`` for shards) and only then renamed into place; transient
+failures (5xx, 408/429, dropped connections, short or invalid bodies) are retried with
+jittered exponential backoff. The caller holds the folder lock.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +35,29 @@ RETRY_STATUS = frozenset({408, 429})  # plus every 5xx
 USER_AGENT = "nanochat-dataset/0.1 (python-requests)"
 
 
+@dataclass(frozen=True)
+class Job:
+    """One file to fetch: GET ``url`` into ``path``, accepted when ``verify(path)`` is None
+    (otherwise it returns a short reason). ``key`` names the job in the summary (a shard
+    index, a relative path); ``label`` names it in progress lines (default: the file name)."""
+
+    url: str
+    path: Path
+    key: object
+    verify: Callable[[Path], str | None] = shards.verify_shard
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.path.name
+
+
 @dataclass
 class DownloadSummary:
-    fetched: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)  # shard index -> one-line reason
-    bytes: int = 0  # size of the shards fetched
+    fetched: list = field(default_factory=list)  # job keys (shard indices for run())
+    skipped: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)  # job key -> one-line reason
+    bytes: int = 0  # size of the files fetched
     seconds: float = 0.0
 
 
@@ -55,7 +78,10 @@ class _Cancelled(Exception):
 
 
 class Downloader:
-    """Fetches shards in parallel threads; one requests.Session per thread (connection reuse)."""
+    """Fetches files in parallel threads; one requests.Session per thread (connection reuse).
+
+    ``base_url`` is where shards live (``run``/``url``) and decides whether HF_TOKEN is sent:
+    only when it is a huggingface.co address."""
 
     def __init__(
         self,
@@ -90,6 +116,10 @@ class Downloader:
     def url(self, index: int) -> str:
         return f"{self.base_url}/{shards.shard_name(index)}"
 
+    def shard_job(self, index: int) -> Job:
+        name = shards.shard_name(index)
+        return Job(f"{self.base_url}/{name}", self.folder / name, index)
+
     def _session(self):
         import requests
 
@@ -109,21 +139,11 @@ class Downloader:
                 self._sessions.append(session)
         return session
 
-    def _attempt(self, index: int) -> int:
+    def _attempt(self, job: Job) -> int:
         """One GET into a temp file, verified, renamed into place. Returns the size."""
-        url = self.url(index)
-        final = self.folder / shards.shard_name(index)
-        with atomic_path(final) as tmp:
-            with self._session().get(url, stream=True, timeout=self.timeout) as response:
-                status = response.status_code
-                if status in RETRY_STATUS or status >= 500:
-                    raise _Retryable(f"HTTP {status}", retry_after(response))
-                if status == 404:
-                    raise _Fatal(f"not found (HTTP 404): {url}")
-                if status in (401, 403):
-                    raise _Fatal(f"access denied (HTTP {status}; set HF_TOKEN?): {url}")
-                if status >= 400:
-                    raise _Fatal(f"HTTP {status}: {url}")
+        with atomic_path(job.path) as tmp:
+            with self._session().get(job.url, stream=True, timeout=self.timeout) as response:
+                _check_status(response, job.url)
                 size = 0
                 with open(tmp, "wb") as out:
                     for chunk in response.iter_content(CHUNK_BYTES):
@@ -137,13 +157,33 @@ class Downloader:
                 if expected is not None and "Content-Encoding" not in response.headers:
                     if expected.isdigit() and int(expected) != size:
                         raise _Retryable(f"length mismatch: got {size} of {expected} bytes")
-            reason = shards.verify_shard(tmp)
+            reason = job.verify(tmp)
             if reason is not None:
                 raise _Retryable(f"invalid content: {reason}")
         return size
 
-    def fetch(self, index: int) -> tuple[int, str | None]:
+    def _attempt_json(self, url: str):
+        with self._session().get(url, timeout=self.timeout) as response:
+            _check_status(response, url)
+            body = response.content
+        try:
+            return json.loads(body)
+        except ValueError as exc:  # a proxy's HTML error page, a cut-off body
+            raise _Retryable(f"invalid JSON ({one_line(exc)})") from None
+
+    def fetch(self, job: Job) -> tuple[int, str | None]:
         """(bytes written, None) on success, (0, reason) after the last failed attempt."""
+        size, error = self._retrying(job.name, job.url, lambda: self._attempt(job))
+        return (0, error) if error is not None else (size, None)
+
+    def get_json(self, url: str, label: str = "") -> tuple[object, str | None]:
+        """(parsed JSON, None), or (None, reason) after the last failed attempt; the same
+        retry rules as the files. For small documents (a listing), read in one piece."""
+        return self._retrying(label or url, url, lambda: self._attempt_json(url))
+
+    def _retrying(self, label: str, url: str, once: Callable[[], object]):
+        """``once()`` until it succeeds, a fatal error, the last attempt or Ctrl-C:
+        (its result, None) or (None, one-line reason)."""
         import requests
 
         transient = (
@@ -155,71 +195,75 @@ class Downloader:
         )
         for attempt in range(1, self.retries + 1):
             if self.stop.is_set():
-                return 0, "cancelled"
+                return None, "cancelled"
             try:
-                return self._attempt(index), None
+                return once(), None
             except _Fatal as exc:
-                return 0, str(exc)
+                return None, str(exc)
             except _Cancelled:
-                return 0, "cancelled"
+                return None, "cancelled"
             except transient as exc:
                 reason = describe_error(exc)
                 if attempt == self.retries:
-                    return 0, f"{reason} (gave up after {attempt} attempts): {self.url(index)}"
+                    return None, f"{reason} (gave up after {attempt} attempts): {url}"
                 delay = self.retry_delay * 2 ** (attempt - 1) * self._random.uniform(1.0, 1.25)
                 server_wait = getattr(exc, "wait_s", None)
                 if server_wait is not None:
                     delay = max(delay, server_wait)
                 delay = min(delay, MAX_BACKOFF_S)
-                self.note(
-                    f"{shards.shard_name(index)}: {reason}; "
-                    f"retry {attempt + 1}/{self.retries} in {delay:.1f} s"
-                )
+                self.note(f"{label}: {reason}; retry {attempt + 1}/{self.retries} in {delay:.1f} s")
                 if self.stop.wait(delay):  # returns at once on Ctrl-C
-                    return 0, "cancelled"
-            except OSError as exc:  # after transient: requests' errors are OSErrors too
-                return 0, f"cannot write {self.folder}: {one_line(exc)}"
+                    return None, "cancelled"
+            except requests.RequestException as exc:  # a bad URL, too many redirects
+                return None, f"{describe_error(exc)}: {url}"
+            except OSError as exc:  # after requests' errors, which are OSErrors too
+                return None, f"cannot write {self.folder}: {one_line(exc)}"
         raise AssertionError("unreachable")
 
     def run(self, indices: list[int]) -> DownloadSummary:
-        """Skip valid shards, fetch the rest in parallel, report per shard."""
+        """Skip valid shards, fetch the rest in parallel, report per shard (keys = indices)."""
+        summary = self.run_jobs([self.shard_job(index) for index in indices], unit="shard")
+        summary.fetched.sort()
+        return summary
+
+    def run_jobs(self, jobs: list[Job], unit: str = "file") -> DownloadSummary:
+        """Skip files present and valid, fetch the rest in parallel with a progress bar."""
         from tqdm import tqdm
 
         summary = DownloadSummary()
         start = time.monotonic()
         todo = []
-        for index in indices:
-            path = self.folder / shards.shard_name(index)
-            if path.exists():
-                reason = shards.verify_shard(path)
+        for job in jobs:
+            if job.path.exists():
+                reason = job.verify(job.path)
                 if reason is None:
-                    summary.skipped.append(index)
+                    summary.skipped.append(job.key)
                     continue
-                self.note(f"{path.name} is present but invalid ({reason}); fetching it again")
-            todo.append(index)
+                self.note(f"{job.name} is present but invalid ({reason}); fetching it again")
+            todo.append(job)
         if summary.skipped:
-            self.note(f"{len(summary.skipped)} shard(s) already present and valid: skipped")
+            self.note(f"{len(summary.skipped)} {unit}(s) already present and valid: skipped")
         if not todo:
             summary.seconds = time.monotonic() - start
             return summary
 
-        bar = self._bar = tqdm(total=len(todo), unit="shard", file=sys.stderr, mininterval=0.5)
+        bar = self._bar = tqdm(total=len(todo), unit=unit, file=sys.stderr, mininterval=0.5)
         pending: set = set()
         try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="shard") as pool:
-                futures = {pool.submit(self.fetch, index): index for index in todo}
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="download") as pool:
+                futures = {pool.submit(self.fetch, job): job for job in todo}
                 pending = set(futures)
                 try:
                     while pending:
                         done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                         for future in done:
-                            index = futures[future]
+                            key = futures[future].key
                             size, error = future.result()
                             if error is None:
-                                summary.fetched.append(index)
+                                summary.fetched.append(key)
                                 summary.bytes += size
                             else:
-                                summary.failed[index] = error
+                                summary.failed[key] = error
                             bar.update(1)
                         elapsed = max(time.monotonic() - start, 1e-9)
                         megabytes = self._bytes_seen / 1e6
@@ -237,11 +281,30 @@ class Downloader:
         finally:
             bar.close()
             self._bar = None
-            for session in self._sessions:
-                session.close()
-        summary.fetched.sort()
+            self.close()
         summary.seconds = time.monotonic() - start
         return summary
+
+    def close(self) -> None:
+        """Close every thread's session (a later request opens a new one)."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+            self._local = threading.local()
+        for session in sessions:
+            session.close()
+
+
+def _check_status(response, url: str) -> None:
+    """Raise _Retryable for 5xx/408/429, _Fatal for the other 4xx; return on success."""
+    status = response.status_code
+    if status in RETRY_STATUS or status >= 500:
+        raise _Retryable(f"HTTP {status}", retry_after(response))
+    if status == 404:
+        raise _Fatal(f"not found (HTTP 404): {url}")
+    if status in (401, 403):
+        raise _Fatal(f"access denied (HTTP {status}; set HF_TOKEN?): {url}")
+    if status >= 400:
+        raise _Fatal(f"HTTP {status}: {url}")
 
 
 def retry_after(response) -> float | None:
@@ -264,3 +327,20 @@ def describe_error(exc: BaseException) -> str:
     text = re.sub(r"^\w+\(host=[^)]*\): ", "", text)
     text = re.sub(r"<[^>]* object at 0x[0-9a-f]+>:? ?", "", text)
     return one_line(text or root.__class__.__name__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C."""
+
+
+def sigterm_as_interrupt():
+    """docker stop / the local backend send SIGTERM: clean up like Ctrl-C (temp files go).
+    Returns the previous handler to restore (None off the main thread, where it cannot be
+    set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
