@@ -207,6 +207,45 @@ def all_reduce_counts(correct: int, total: int, rt) -> tuple[int, int]:
     return int(counts[0].item()), int(counts[1].item())
 
 
+def score_tasks(
+    model,
+    tokenizer,
+    loaded: dict,
+    rt,
+    batch: int,
+    max_new_tokens: int,
+    temperature: float,
+    on_score=None,
+) -> list[TaskScore]:
+    """A TaskScore per task of ``loaded`` (name -> task): each rank scores problems
+    ``rank::world`` and the counts are summed over ranks, so every rank must call this.
+    ``model`` is the plain (uncompiled) GPT, in eval mode; ``on_score(score)`` runs after each
+    task. Used by this stage and by SFT's ChatCORE subset (scripts.chat_sft)."""
+    from nanochat.engine import Engine
+
+    engine = Engine(model, tokenizer)
+    max_len = model.config.sequence_len
+    scores: list[TaskScore] = []
+    for name, task in loaded.items():
+        t0 = time.monotonic()
+        indices = range(rt.rank, len(task), rt.world_size)
+        with rt.autocast():
+            if task.eval_type == "categorical":
+                correct, total = score_categorical(
+                    model, tokenizer, task, indices, batch, rt.device, max_len
+                )
+            else:
+                correct, total = score_generative(
+                    engine, tokenizer, task, indices, max_new_tokens, temperature
+                )
+        correct, total = all_reduce_counts(correct, total, rt)
+        score = TaskScore(name, task.eval_type, correct, total, time.monotonic() - t0)
+        scores.append(score)
+        if on_score is not None:
+            on_score(score)
+    return scores
+
+
 # --- the stage ------------------------------------------------------------------------------
 
 
@@ -288,41 +327,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args, base: Path, loaded: dict, rt) -> int:
-    from nanochat.engine import Engine, load_chat_model
+    from nanochat.engine import load_chat_model
     from nanochat.report import write_section
 
     start = time.monotonic()
     model, tokenizer, meta = load_chat_model(base, args.source, rt.device, args.tag, args.step)
-    engine = Engine(model, tokenizer)
-    max_len = model.config.sequence_len
     if rt.master:
         log(
             f"{args.source} checkpoint {meta['tag']} step {meta.get('step', '?')} on "
             f"{rt.device} x{rt.world_size}; {args.tasks} tasks"
         )
 
-    scores: list[TaskScore] = []
-    for name, task in loaded.items():
-        t0 = time.monotonic()
-        indices = range(rt.rank, len(task), rt.world_size)
-        with rt.autocast():
-            if task.eval_type == "categorical":
-                correct, total = score_categorical(
-                    model, tokenizer, task, indices, args.batch, rt.device, max_len
-                )
-            else:
-                correct, total = score_generative(
-                    engine, tokenizer, task, indices, args.max_new_tokens, args.temperature
-                )
-        correct, total = all_reduce_counts(correct, total, rt)
-        score = TaskScore(name, task.eval_type, correct, total, time.monotonic() - t0)
-        scores.append(score)
+    def report(score: TaskScore) -> None:
         if rt.master:
             print(
-                f"{name}: accuracy {score.accuracy:.4f} ({correct}/{total}), {score.seconds:.1f} s",
+                f"{score.name}: accuracy {score.accuracy:.4f} ({score.correct}/{score.total}), "
+                f"{score.seconds:.1f} s",
                 flush=True,
             )
 
+    scores = score_tasks(
+        model, tokenizer, loaded, rt, args.batch, args.max_new_tokens, args.temperature, report
+    )
     core = chatcore(scores)
     if not rt.master:
         return 0

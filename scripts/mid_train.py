@@ -6,20 +6,28 @@ spelling conversations; ``--tasks=embedded`` uses the offline miniatures, ``--ta
 real data in BASE_DIR/task_data), packed like pretraining with the loss on every token.
 MuonAdamW with the base LRs for this width and batch, times ``--lr-scale`` and
 ``--init-lr-frac``; the LR is flat, then decays linearly to 0 over the last 20% of the run.
-Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train.
-Writes mid_checkpoints/<tag>/ and report/midtrain.md (the stage's completion marker).
+Warm start (``--warm-start=auto``, the default): a fresh run (not resuming its own checkpoint)
+loads the source checkpoint's optimizer state -- Muon momentum buffers, Adam moments and step
+counts, each rank its own shard -- when it fits (written by as many processes, the same
+parameter groups and shapes), then sets this stage's LRs; otherwise one log line says why and
+the optimizer starts fresh. The outcome is in run_config["warm_start"] and the report.
+Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train: a
+``--stop-at``, a kill or a preemption followed by the same command gives the same model as an
+uninterrupted run. Writes mid_checkpoints/<tag>/ and report/midtrain.md (the stage's completion
+marker). ``common_arguments``, ``Stage`` and ``run_stage`` are shared with scripts.chat_sft.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-from nanochat.common import CliParser, UsageError, base_dir, log, positive_int
+from nanochat.common import CliParser, UsageError, base_dir, log, one_line, positive_int
 
 RESUME_ENV = "NANOCHAT_RESUME"
 VAL_FRACTION = 0.05
@@ -46,6 +54,13 @@ def common_arguments(p: CliParser, *, eval_every: int, save_every: int) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument(
+        "--warm-start",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: a fresh run starts from the source checkpoint's optimizer moments when they "
+        "fit (same processes, same parameter shapes); off: a fresh optimizer (default auto)",
+    )
 
 
 def build_parser() -> CliParser:
@@ -107,11 +122,83 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Stage:
-    """What differs between midtraining and SFT."""
+    """What differs between midtraining and SFT.
 
-    def __init__(self, name, title, kind, packed, warmdown_frac, lr_frac):
+    ``extra_eval`` (optional) is an eval run besides the val loss, every ``extra_eval.every``
+    steps (0 = never) and at the end: ``extra_eval(model, tokenizer, rt)`` is called on every
+    rank with the plain (uncompiled) model in eval mode under ``torch.no_grad`` and returns
+    ``(line, facts, metrics)``: a log line, and the facts and metrics of the last call go into
+    the report section. SFT's ChatCORE subset is one.
+    """
+
+    def __init__(self, name, title, kind, packed, warmdown_frac, lr_frac, extra_eval=None):
         self.name, self.title, self.kind = name, title, kind
         self.packed, self.warmdown_frac, self.lr_frac = packed, warmdown_frac, lr_frac
+        self.extra_eval = extra_eval
+
+
+def optimizer_mismatch(optimizer, saved) -> str | None:
+    """Why ``saved`` (one rank's ``MuonAdamW.state_dict()``) cannot seed ``optimizer``, or None
+    when it fits: the same rank of the same world, the same groups (name, kind, size) and every
+    state tensor shaped like its parameter, owned by this rank."""
+    import torch
+
+    if not isinstance(saved, dict) or not {"state", "param_groups"} <= saved.keys():
+        return "the source checkpoint holds no optimizer state"
+    world = saved.get("world")
+    here = {"rank": optimizer.rank, "world_size": optimizer.world_size}
+    if world is not None and world != here:
+        return f"its optimizer state was saved by {world}, this process is {here}"
+    want = [(g.get("name"), g["kind"], len(g["params"])) for g in optimizer.param_groups]
+    have = [(g.get("name"), g.get("kind"), len(g.get("params", ()))) for g in saved["param_groups"]]
+    if want != have:
+        return f"its parameter groups differ ({have} vs {want})"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = [i for g in saved["param_groups"] for i in g["params"]]
+    by_index = dict(zip(index, params, strict=True))
+    for i, state in saved["state"].items():
+        p = by_index.get(i)
+        if p is None:
+            return f"its optimizer state names parameter {i}, which no group holds"
+        if not optimizer.owns(p):
+            return "its optimizer shards are owned by other ranks"
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim and value.shape != p.shape:
+                return (
+                    f"its {key} of shape {tuple(value.shape)} does not fit a parameter of "
+                    f"shape {tuple(p.shape)}"
+                )
+    return None
+
+
+def warm_start(optimizer, source_meta: dict, rt) -> str | None:
+    """Load the source checkpoint's optimizer state (Muon momentum buffers, Adam moments and
+    step counts) into a fresh ``optimizer``, keeping this stage's group settings (LRs, initial
+    LRs, momentum, weight decay): None when it did, else why not (nothing is changed then).
+    Every rank loads its own shard, so the source must have been written by as many processes
+    as this run has; the ranks agree before any of them loads."""
+    from nanochat import checkpoint, runtime
+
+    why = saved = None
+    world = source_meta.get("world_size")
+    if world != rt.world_size:
+        why = f"the source was written by {world} process(es), this run has {rt.world_size}"
+    else:
+        found = checkpoint.Found(Path(source_meta["directory"]), source_meta["step"], source_meta)
+        try:
+            state = checkpoint.load_rank_state(found, rt.rank, rt.device)
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            why = f"its rank {rt.rank} state is unreadable ({one_line(exc)})"
+        else:
+            saved = state.get("optimizer") if isinstance(state, dict) else None
+            why = optimizer_mismatch(optimizer, saved)
+    if runtime.all_agree(why is not None, rt):
+        return why or "another rank's optimizer state does not fit"
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, fresh in zip(optimizer.param_groups, settings, strict=True):
+        group.update(fresh)
+    return None
 
 
 def run_stage(args, stage: Stage, model, tokenizer, meta, train_task, val_task, base: Path):
@@ -193,6 +280,20 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
     found = checkpoint.latest(ckpt_dir) if args.resume == "auto" else None
     if found:
         start_step = resume(found, run_config, model, optimizer, loader, rt)
+        # Not compared by resume (a resumed run does not warm-start): carried over.
+        run_config["warm_start"] = found.meta.get("run_config", {}).get("warm_start", "n/a")
+    elif getattr(args, "warm_start", "off") == "auto":
+        why = warm_start(optimizer, meta, rt)
+        source = f"{meta['directory']} step {meta['step']}"
+        run_config["warm_start"] = f"off: {why}" if why else f"optimizer state of {source}"
+        if rt.master:
+            log(
+                f"warm start: off, starting the optimizer fresh: {why}"
+                if why
+                else f"warm start: optimizer moments from {source}, this stage's LRs"
+            )
+    else:
+        run_config["warm_start"] = "off (--warm-start=off)"
     forward = model
     if args.compile == "on" or (args.compile == "auto" and rt.device.type == "cuda"):
         forward = torch.compile(model)
@@ -220,6 +321,21 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
             total /= rt.world_size
         return total.item() / args.eval_batches
 
+    extra = stage.extra_eval
+    extra_facts: dict = {}
+    extra_metrics: dict = {}
+
+    def run_extra(at: int) -> None:
+        nonlocal extra_facts, extra_metrics
+        model.eval()
+        with torch.no_grad():
+            line, extra_facts, extra_metrics = extra(model, tokenizer, rt)
+        model.train()
+        if rt.master:
+            log(f"step {at}: {line}")
+            if wandb_run:
+                wandb_run.log(extra_metrics, step=at)
+
     log_path = base / "logs" / f"{stage.name}-{tag}.jsonl"
     if rt.master:
         train_loop.keep_log_until(log_path, start_step)
@@ -233,6 +349,8 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
             vloss = val_loss()
             if rt.master:
                 log(f"step {step}: val loss {vloss:.4f}")
+        if extra and extra.every and step % extra.every == 0 and step > 0:
+            run_extra(step)
         t0 = time.monotonic()
         lrm = optim.lr_multiplier(
             step, num_steps, warmup_steps=0, warmdown_frac=stage.warmdown_frac, final_frac=0.0
@@ -266,6 +384,8 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
         if code is not None:
             return code
     vloss = val_loss()
+    if extra and extra.every:
+        run_extra(step)
     seconds = time.monotonic() - started
     if rt.master:
         log(f"done: val loss {vloss:.4f} after {seconds / 60:.1f} min")
@@ -283,8 +403,10 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
                 "wall time (this run)": f"{seconds / 60:.1f} min",
                 "final val loss": f"{vloss:.4f}",
                 "first / last loss": f"{history[0]:.4f} / {history[-1]:.4f}" if history else "n/a",
+                "warm start": run_config["warm_start"],
+                **extra_facts,
             },
-            metrics={"val_loss": vloss},
+            metrics={"val_loss": vloss, **extra_metrics},
             wall_seconds=seconds,
         )
     return 0

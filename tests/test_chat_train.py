@@ -1,21 +1,26 @@
 """Stages 4 and 5 on CPU: midtraining and SFT run, write checkpoints and reports, SFT targets
-follow the mask, packed rows start with BOS, and SFT resumes bit for bit."""
+follow the mask, packed rows start with BOS, both resume bit for bit (after --stop-at or a
+SIGTERM), SFT warm-starts from the mid optimizer and logs its ChatCORE subset."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO, VENV_BIN, run_cli
 
-from nanochat import checkpoint, gpt
+from nanochat import checkpoint, gpt, optim, runtime
 from nanochat.chat_data import PackedConversations, PaddedConversations
 from nanochat.tasks import GSM8K, Identity, Mixture, SmolTalk, SpellingBee
 from nanochat.tokenizer import train_tokenizer
+from scripts.mid_train import warm_start
 
 COMMON = ["--tasks=embedded", "--device-batch=4", "--seq-len=64", "--eval-batches=1"]
 
@@ -86,19 +91,121 @@ def test_packed_rows_start_with_bos_and_resume_exactly():
 def test_midtrain_then_sft_write_checkpoints_and_reports(based):
     mid = run("mid_train", ["--num-steps=3", "--eval-every=2"])
     assert mid.returncode == 0, mid.stderr[-2000:]
-    assert checkpoint.latest(checkpoint.checkpoint_dir(based, "mid", "d2")).step == 3
+    # The fixture's base checkpoint has no optimizer state: midtraining says so, starts fresh.
+    assert "warm start: off, starting the optimizer fresh: the source checkpoint holds no " \
+        "optimizer state" in mid.stderr  # fmt: skip
+    mid_found = checkpoint.latest(checkpoint.checkpoint_dir(based, "mid", "d2"))
+    assert mid_found.step == 3
     assert (based / "report" / "midtrain.md").is_file()
     assert len(losses(based, "midtrain-d2")) == 3
-    sft = run("chat_sft", ["--num-steps=3", "--eval-every=0"])
+    sft = run("chat_sft", ["--num-steps=3", "--eval-every=0", "--chatcore-every=2",
+                           "--chatcore-problems=2", "--chatcore-max-tokens=4"])  # fmt: skip
     assert sft.returncode == 0, sft.stderr[-2000:]
     found = checkpoint.latest(checkpoint.checkpoint_dir(based, "sft", "d2"))
     assert found.step == 3
     assert found.meta["model_config"]["n_layer"] == 2
     assert (based / "report" / "sft.md").is_file()
+    # Warm start: the Adam moments go on from the mid run's 3 steps; the LRs are SFT's own.
+    assert "warm start: optimizer moments from" in sft.stderr
+    assert found.meta["run_config"]["warm_start"].startswith("optimizer state of ")
+    mid_opt = checkpoint.load_rank_state(mid_found, 0)["optimizer"]
+    sft_opt = checkpoint.load_rank_state(found, 0)["optimizer"]
+    assert {s["step"] for s in sft_opt["state"].values() if "step" in s} == {6}
+    for before, after in zip(mid_opt["param_groups"], sft_opt["param_groups"], strict=True):
+        assert after["initial_lr"] == pytest.approx(before["initial_lr"] * 0.02)  # --init-lr-frac
+    # ChatCORE subset at step 2 and at the end, in the log and in the report's JSON.
+    assert "step 2: ChatCORE " in sft.stderr and "step 3: ChatCORE " in sft.stderr
+    record = json.loads((based / "report" / "sft.json").read_text())
+    metrics = record["metrics"]
+    assert -3.0 <= metrics["chatcore_subset"] <= 1.0  # centered: chance is 0
+    names = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K")
+    assert all(0.0 <= metrics[f"chatcore_subset/{name}"] <= 1.0 for name in names)
+    assert "ChatCORE" not in metrics  # the report card's column comes from chat-eval-sft
+    assert record["facts"]["ChatCORE subset"].startswith(f"{metrics['chatcore_subset']:.4f} (")
+    assert "(first 2 problems: ARC-Easy " in record["facts"]["ChatCORE subset"]
+
+
+def test_warm_start_takes_the_source_moments_and_keeps_the_new_lrs(tmp_path):
+    torch.manual_seed(0)
+    config = gpt.config_for_depth(2, 300, sequence_len=32)
+    model = gpt.build_model(config, "cpu")
+    source = optim.build_optimizer(gpt.param_groups(model), config.n_embd, 256)
+    ids = torch.randint(0, 300, (2, 16))
+    model(ids, ids).backward()
+    source.step()
+    directory = tmp_path / "mid"
+    checkpoint.save(directory, 7, model.state_dict(), {"optimizer": source.state_dict()}, {})
+    meta = {**checkpoint.latest(directory).meta, "directory": str(directory)}
+    rt = runtime.start()
+
+    fresh = optim.build_optimizer(gpt.param_groups(model), config.n_embd, 1024)
+    lrs = [(g["lr"], g["initial_lr"]) for g in fresh.param_groups]
+    assert warm_start(fresh, meta, rt) is None
+    assert [(g["lr"], g["initial_lr"]) for g in fresh.param_groups] == lrs
+    assert lrs[0][1] != source.param_groups[0]["initial_lr"]  # the LRs really differ
+    kinds = set()
+    for group in fresh.param_groups:
+        for p in group["params"]:
+            for key, value in source.state[p].items():
+                kinds.add(key)
+                if torch.is_tensor(value):
+                    assert torch.equal(fresh.state[p][key], value)
+                    assert fresh.state[p][key] is not value
+                else:
+                    assert fresh.state[p][key] == value
+    assert {"momentum_buffer", "exp_avg", "exp_avg_sq"} <= kinds
+
+    deeper = gpt.build_model(gpt.config_for_depth(3, 300, sequence_len=32), "cpu")
+    other = optim.build_optimizer(gpt.param_groups(deeper), config.n_embd, 256)
+    assert "parameter groups differ" in warm_start(other, meta, rt)
+    assert not other.state  # nothing loaded
+    bigger_vocab = gpt.build_model(gpt.config_for_depth(2, 400, sequence_len=32), "cpu")
+    fresh = optim.build_optimizer(gpt.param_groups(bigger_vocab), config.n_embd, 256)
+    assert "does not fit a parameter of shape" in warm_start(fresh, meta, rt)
+    assert not fresh.state
+    two = {**meta, "world_size": 2}
+    fresh = optim.build_optimizer(gpt.param_groups(model), config.n_embd, 256)
+    why = warm_start(fresh, two, rt)
+    assert why == "the source was written by 2 process(es), this run has 1"
+    assert not fresh.state
+
+
+def test_midtrain_sigterm_then_rerun_matches_an_uninterrupted_run(based):
+    args = ["--num-steps=30", "--eval-every=0", "--save-every=0"]
+    straight = run("mid_train", [*args, "--tag=a"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.mid_train", *COMMON, *args, "--tag=b"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("step 00002/"):
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = checkpoint.latest(checkpoint.checkpoint_dir(based, "mid", "b"))
+    assert stopped is not None and 2 <= stopped.step < 30
+    assert f"stopped at step {stopped.step} by signal 15" in err
+    again = run("mid_train", [*args, "--tag=b"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from step {stopped.step}" in again.stderr
+    assert losses(based, "midtrain-b") == losses(based, "midtrain-a")
+    assert len(losses(based, "midtrain-a")) == 30
+    a = checkpoint.load_model_state(checkpoint.latest(checkpoint.checkpoint_dir(based, "mid", "a")))
+    b = checkpoint.load_model_state(checkpoint.latest(checkpoint.checkpoint_dir(based, "mid", "b")))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sft_resume_matches_an_uninterrupted_run(based):
-    args = ["--source=base", "--num-steps=5", "--eval-every=0", "--save-every=0"]
+    args = ["--source=base", "--num-steps=5", "--eval-every=0", "--save-every=0",
+            "--chatcore-every=0"]  # fmt: skip
     straight = run("chat_sft", [*args, "--tag=a"])
     assert straight.returncode == 0, straight.stderr[-2000:]
     first = run("chat_sft", [*args, "--tag=b", "--stop-at=2"])
