@@ -440,10 +440,11 @@ class Engine:
     # --- conveniences ------------------------------------------------------------------
 
     def generate_batch(
-        self, tokens: Sequence[int], num_samples: int = 1, **kwargs
+        self, tokens: Sequence[int], num_samples: int = 1, keep_stop: bool = False, **kwargs
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """Every row's reply and mask, without the prompt and without the terminal token
-        (for evals and RL); tool output is included with mask 0. ``kwargs`` as in generate."""
+        """Every row's reply and mask, without the prompt (for evals and RL); tool output is
+        included with mask 0. The terminal token is dropped, or kept with mask 1 when
+        ``keep_stop`` (RL trains the choice to stop). ``kwargs`` as in generate."""
         replies: list[list[int]] = [[] for _ in range(num_samples)]
         masks: list[list[int]] = [[] for _ in range(num_samples)]
         done = [False] * num_samples
@@ -453,7 +454,8 @@ class Engine:
                     continue
                 if token in self.stop_ids and mask == 1:
                     done[i] = True
-                    continue
+                    if not keep_stop:
+                        continue
                 replies[i].append(token)
                 masks[i].append(mask)
         return replies, masks

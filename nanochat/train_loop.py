@@ -40,9 +40,12 @@ def train_step(forward, model, optimizer, loader, accumulation: int, runtime) ->
     return total.item()
 
 
-def append_step(path: Path, step: int, loss: float, lrm: float, seconds: float) -> None:
+def append_step(path: Path, step: int, loss: float, lrm: float, seconds: float, **extra) -> None:
+    """One JSON line per step; ``extra`` adds keys (RL logs its mean ``reward``, which the
+    report card plots instead of the loss)."""
+    record = {"step": step, "loss": loss, "lrm": lrm, "ms": seconds * 1000, **extra}
     with open(path, "a") as f:
-        f.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, "ms": seconds * 1000}) + "\n")
+        f.write(json.dumps(record) + "\n")
 
 
 def keep_log_until(path: Path, step: int) -> None:

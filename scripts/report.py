@@ -164,16 +164,26 @@ def summary_table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def read_log(path: Path) -> list[tuple[int, float]]:
-    """(step, loss) points of a step log, skipping lines that are not such records."""
-    points = []
+def read_log(path: Path) -> tuple[list[tuple[int, float]], str]:
+    """(step, value) points of a step log and what the value is: the mean ``reward`` where
+    the log has one (RL: its loss hovers near 0 and says little), else the ``loss``. Lines
+    that are not such records are skipped."""
+    rows = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-            points.append((int(row["step"]), float(row["loss"])))
+            int(row["step"])
+            rows.append(row)
         except (ValueError, KeyError, TypeError):
             continue
-    return points
+    key = "reward" if rows and all("reward" in row for row in rows) else "loss"
+    points = []
+    for row in rows:
+        try:
+            points.append((int(row["step"]), float(row[key])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return points, key
 
 
 def smooth(values: list[float]) -> list[float]:
@@ -187,7 +197,7 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
-def plot_loss(points: list[tuple[int, float]], title: str, out: Path) -> None:
+def plot_loss(points: list[tuple[int, float]], title: str, out: Path, label: str = "loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +210,7 @@ def plot_loss(points: list[tuple[int, float]], title: str, out: Path) -> None:
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="raw")
         ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="smoothed")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(label)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -216,16 +226,16 @@ def plots(base: Path, report_dir: Path) -> list[str]:
     logs = sorted((base / "logs").glob("*.jsonl")) if (base / "logs").is_dir() else []
     lines = []
     for path in logs:
-        points = read_log(path)
+        points, key = read_log(path)
         if not points:
             log(f"skipping {path.name}: no step/loss records")
             continue
         try:
-            plot_loss(points, f"{path.stem} loss", report_dir / f"{path.stem}.png")
+            plot_loss(points, f"{path.stem} {key}", report_dir / f"{path.stem}.png", key)
         except ImportError:
             log("matplotlib is not installed: no plots (it comes with the train extra)")
             return []
-        lines.append(f"![{path.stem} loss]({path.stem}.png)")
+        lines.append(f"![{path.stem} {key}]({path.stem}.png)")
     return lines
 
 

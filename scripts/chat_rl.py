@@ -1,0 +1,417 @@
+"""Stage 6 (optional): reinforcement learning on GSM8K. ``python -m scripts.chat_rl``.
+
+Starts from the latest sft checkpoint (``--source`` mid|base for the others) and runs the
+simplified "GRPO" of DESIGN B.7, which is on-policy REINFORCE with a group-mean baseline:
+
+- each step takes ``--prompts-per-step`` GSM8K training problems (a seeded shuffle, epochs by
+  repetition) and the engine samples ``--samples`` replies to each (temperature 1, top-k 50,
+  at most ``--max-new-tokens``), calculator calls included;
+- a reply's reward is 1 when its final answer matches, else 0; its advantage is the reward
+  minus the mean reward of its prompt's group (so a group that is all right or all wrong
+  teaches nothing and is skipped);
+- loss = -sum(logp(token) * advantage) over the sampled reply tokens, divided by their count:
+  prompt tokens and the tool's forced output are not trained;
+- the LR (base LRs x ``--lr-scale`` x ``--init-lr-frac``) decays linearly to 0.
+
+Every ``--eval-every`` steps (and before the first and after the last) it reports pass@1 and
+pass@k (k = ``--samples``) on the first ``--eval-problems`` GSM8K test problems. Logs,
+checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train: sampling seeds
+derive from the step, so a resumed run samples what the uninterrupted one would have.
+Writes rl_checkpoints/<tag>/, logs/rl-<tag>.jsonl (with the mean reward the report plots)
+and report/rl.md. Under torchrun each rank takes every world-th prompt of a step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from nanochat.common import (
+    CliParser,
+    UsageError,
+    base_dir,
+    log,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from scripts.mid_train import RESUME_ENV
+
+SOURCES = ("sft", "mid", "base")
+
+
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m scripts.chat_rl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", choices=SOURCES, default="sft", help="start from (default sft)")
+    p.add_argument("--source-tag", help="tag of the source checkpoint (default: most recent)")
+    p.add_argument("--tasks", choices=("embedded", "hub"), default="hub", help="GSM8K data")
+    p.add_argument("--num-steps", type=positive_int, help="steps (default: one epoch)")
+    p.add_argument("--prompts-per-step", type=positive_int, default=16, help="problems per step")
+    p.add_argument("--samples", type=positive_int, default=16, help="replies per problem (k)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length cap")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=50, help="0 = off")
+    p.add_argument(
+        "--device-batch", type=positive_int, default=8, help="rows per forward/backward pass"
+    )
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiply every base LR")
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="LR fraction to start at")
+    p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (0 = end)")
+    p.add_argument("--eval-problems", type=positive_int, default=400, help="test problems")
+    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N (0 = end)")
+    p.add_argument("--stop-at", type=positive_int, help="stop with a checkpoint after this step")
+    p.add_argument(
+        "--resume",
+        choices=("auto", "never"),
+        default=os.environ.get(RESUME_ENV, "auto"),
+        help="auto: continue from the latest complete checkpoint of this tag (default)",
+    )
+    p.add_argument("--tag", help="checkpoint folder (default: the source checkpoint's tag)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
+    return p
+
+
+# --- the math, kept apart so it can be checked by hand ------------------------------------
+
+
+def group_advantages(rewards):
+    """Rewards shaped [prompts, samples] -> reward minus the mean of its prompt's group."""
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def policy_loss(token_nll, trained, advantages, token_count: int):
+    """REINFORCE: -sum(logp * advantage) over trained tokens / ``token_count``.
+
+    ``token_nll`` [rows, T] is -log p of each target token, ``trained`` [rows, T] is 1 where
+    the token was sampled by the model (0 for prompt, padding and tool output) and
+    ``advantages`` [rows] is each row's advantage."""
+    return (token_nll * trained * advantages[:, None]).sum() / token_count
+
+
+def pass_at_k(outcomes: list[list[bool]], k: int) -> int:
+    """How many problems have a right answer among their first ``k`` samples."""
+    return sum(any(samples[:k]) for samples in outcomes)
+
+
+# --- data: which problem when, and the rows to train on ------------------------------------
+
+
+class PromptOrder:
+    """The training problems in a seeded shuffle per epoch (epochs by repetition). Position
+    ``g`` (the g-th prompt of the run) maps to one problem; the position is the only state,
+    saved in checkpoints like a data loader's."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.position = size, seed, 0
+        self._epoch, self._order = -1, []
+
+    def problem(self, g: int) -> int:
+        epoch, within = divmod(g, self.size)
+        if epoch != self._epoch:
+            self._order = list(range(self.size))
+            random.Random(f"{self.seed}/{epoch}").shuffle(self._order)
+            self._epoch = epoch
+        return self._order[within]
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.size
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def rows_for(prompt: list[int], replies, masks, pad: int):
+    """One training row per reply: (inputs, targets) token lists where targets are -1 except
+    at sampled reply tokens (so prompt, tool output and padding are never trained)."""
+    rows = []
+    for reply, mask in zip(replies, masks, strict=True):
+        ids = prompt + reply
+        targets = [-1] * (len(prompt) - 1) + [
+            t if m else -1 for t, m in zip(reply, mask, strict=True)
+        ]
+        rows.append((ids[:-1] or [pad], targets or [-1]))
+    return rows
+
+
+def pad_rows(rows, pad: int, device):
+    import torch
+
+    width = max(len(inputs) for inputs, _ in rows)
+    inputs = [r + [pad] * (width - len(r)) for r, _ in rows]
+    targets = [t + [-1] * (width - len(t)) for _, t in rows]
+    return (
+        torch.tensor(inputs, dtype=torch.long, device=device),
+        torch.tensor(targets, dtype=torch.long, device=device),
+    )
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nanochat.engine import load_chat_model
+    from nanochat.tasks import GSM8K
+
+    base = base_dir()
+    if args.source != "base" and not (base / f"{args.source}_checkpoints").is_dir():
+        raise UsageError(
+            f"no {args.source} checkpoint: run make {'midtrain' if args.source == 'mid' else 'sft'}"
+            " first (or --source base|mid)"
+        )
+    try:
+        train_task = GSM8K(source=args.tasks, split="train")
+        test_task = GSM8K(source=args.tasks, split="test")
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"{exc} (or use --tasks=embedded)") from None
+    model, tokenizer, meta = load_chat_model(base, args.source, "cpu", args.source_tag)
+    if args.max_new_tokens >= model.config.sequence_len:
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {model.config.sequence_len}"
+        )
+    from nanochat import runtime
+
+    rt = runtime.start()
+    try:
+        if args.prompts_per_step % rt.world_size:
+            raise UsageError(
+                f"--prompts-per-step {args.prompts_per_step} is not a multiple of the "
+                f"{rt.world_size} processes"
+            )
+        return train(args, rt, model, tokenizer, meta, train_task, test_task, base)
+    finally:
+        runtime.stop(rt)
+
+
+def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -> int:
+    import torch
+
+    from nanochat import checkpoint, gpt, optim, train_loop
+    from nanochat.engine import Engine
+    from nanochat.report import write_section
+    from scripts.base_train import Stop, resume, runtime_stop, save, start_wandb
+
+    wandb_run = start_wandb(args, rt)  # a missing wandb is bad input: before any work
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model = model.to(rt.device)
+    config = model.config
+    engine = Engine(model, tokenizer)
+    order = PromptOrder(len(train_task), args.seed)
+    num_steps = args.num_steps or max(1, len(train_task) // args.prompts_per_step)
+    reply_tokens = args.prompts_per_step * args.samples * args.max_new_tokens
+    optimizer = optim.build_optimizer(gpt.param_groups(model), config.n_embd, reply_tokens)
+    for group in optimizer.param_groups:
+        group["initial_lr"] *= args.lr_scale * args.init_lr_frac
+        group["lr"] = group["initial_lr"]
+    tag = args.tag or meta["tag"]
+    ckpt_dir = checkpoint.checkpoint_dir(base, "rl", tag)
+    run_config = {
+        "init_from": f"{meta['directory']} step {meta['step']}",
+        "tasks": args.tasks,
+        "num_steps": num_steps,
+        "prompts_per_step": args.prompts_per_step,
+        "samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "world_size": rt.world_size,
+        "lr_scale": args.lr_scale,
+        "init_lr_frac": args.init_lr_frac,
+        "seed": args.seed,
+    }
+    start_step = 0
+    found = checkpoint.latest(ckpt_dir) if args.resume == "auto" else None
+    if found:
+        start_step = resume(found, run_config, model, optimizer, order, rt)
+    stop = Stop()
+    sample = dict(temperature=args.temperature, top_k=args.top_k or None)
+    if rt.master:
+        log(
+            f"rl from {run_config['init_from']}: {len(train_task):,} GSM8K problems, {num_steps} "
+            f"steps of {args.prompts_per_step} prompts x {args.samples} samples, "
+            f"{rt.world_size} process(es) on {rt.device.type}, from step {start_step}"
+        )
+
+    def evaluate(step: int) -> dict[str, float]:
+        """pass@1 and pass@k on the test problems (the same ones and seeds every time)."""
+        model.eval()
+        outcomes = []
+        for i in range(rt.rank, min(args.eval_problems, len(test_task)), rt.world_size):
+            conversation = test_task[i]
+            prompt = tokenizer.render_for_completion(conversation)
+            if len(prompt) + 1 >= engine.max_context:
+                outcomes.append([False] * args.samples)
+                continue
+            replies, _ = engine.generate_batch(
+                prompt, args.samples, max_tokens=args.max_new_tokens, seed=10_000 + i, **sample
+            )
+            outcomes.append(
+                [test_task.evaluate(conversation, tokenizer.decode(r)) for r in replies]
+            )
+        model.train()
+        counts = torch.tensor(
+            [pass_at_k(outcomes, 1), pass_at_k(outcomes, args.samples), len(outcomes)],
+            dtype=torch.float64,
+            device=rt.device,
+        )
+        if rt.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        first, anyk, total = counts.tolist()
+        result = {"pass@1": first / max(total, 1), f"pass@{args.samples}": anyk / max(total, 1)}
+        if rt.master:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+            log(f"step {step}: GSM8K {shown} over {int(total)} test problems")
+        return result
+
+    def rollouts(step: int):
+        """This rank's rows for the step, each with its advantage; and the rewards."""
+        model.eval()
+        rows, advantages, rewards = [], [], []
+        first = step * args.prompts_per_step
+        for i in range(rt.rank, args.prompts_per_step, rt.world_size):
+            g = first + i
+            conversation = train_task[order.problem(g)]
+            prompt = tokenizer.render_for_completion(conversation)
+            room = engine.max_context - len(prompt)
+            if room < 2:
+                continue  # a prompt longer than the context: nothing to sample
+            replies, masks = engine.generate_batch(
+                prompt,
+                args.samples,
+                keep_stop=True,
+                max_tokens=min(args.max_new_tokens, room),
+                seed=args.seed * 1_000_003 + g,
+                **sample,
+            )
+            group = torch.tensor(
+                [[train_task.reward(conversation, tokenizer.decode(r)) for r in replies]]
+            )
+            rewards += group[0].tolist()
+            rows += rows_for(prompt, replies, masks, tokenizer.bos_id)
+            advantages += group_advantages(group)[0].tolist()
+        order.position = first + args.prompts_per_step
+        model.train()
+        return rows, advantages, rewards
+
+    def learn(rows, advantages) -> float:
+        """One optimizer step over this rank's rows; rows with zero advantage are skipped
+        (they add nothing) but their tokens still count in the normalisation."""
+        token_count = max(1, sum(sum(t >= 0 for t in targets) for _, targets in rows))
+        useful = [(row, a) for row, a in zip(rows, advantages, strict=True) if a != 0.0]
+        total = 0.0
+        for start in range(0, len(useful), args.device_batch):
+            chunk = useful[start : start + args.device_batch]
+            inputs, targets = pad_rows([row for row, _ in chunk], tokenizer.bos_id, rt.device)
+            adv = torch.tensor([a for _, a in chunk], dtype=torch.float32, device=rt.device)
+            with rt.autocast():
+                nll = model(inputs, targets, loss_reduction="none")
+            loss = policy_loss(nll.float(), (targets >= 0).float(), adv, token_count)
+            loss.backward()
+            total += loss.item()
+        optimizer.step()  # also with no useful rows here: ranks step together
+        model.zero_grad(set_to_none=True)
+        return total
+
+    def mean_over_ranks(values: list[float]) -> float:
+        pair = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=rt.device)
+        if rt.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(pair)
+        return (pair[0] / pair[1].clamp(min=1)).item()
+
+    log_path = base / "logs" / f"rl-{tag}.jsonl"
+    if rt.master:
+        train_loop.keep_log_until(log_path, start_step)
+    started = time.monotonic()
+    results = evaluate(start_step) if args.eval_every and start_step == 0 else {}
+    first_results = dict(results)
+    reward_history: list[float] = []
+    step_times: list[float] = []
+    step = start_step
+    model.train()
+    while step < num_steps:
+        t0 = time.monotonic()
+        lrm = optim.lr_multiplier(step, num_steps, warmup_steps=0, warmdown_frac=1.0, final_frac=0)
+        train_loop.set_schedule(optimizer, step, lrm)
+        rows, advantages, rewards = rollouts(step)
+        loss = learn(rows, advantages)
+        mean_reward = mean_over_ranks(rewards)
+        step += 1
+        reward_history.append(mean_reward)
+        dt = time.monotonic() - t0
+        step_times.append(dt)
+        if rt.master:
+            train_loop.append_step(log_path, step, loss, lrm, dt, reward=mean_reward)
+            if wandb_run:
+                wandb_run.log({"reward": mean_reward, "loss": loss, "lrm": lrm}, step=step)
+            recent = sum(step_times[-10:]) / len(step_times[-10:])
+            print(
+                f"step {step:05d}/{num_steps} | reward {mean_reward:.3f} | loss {loss:+.5f} | "
+                f"lrm {lrm:.3f} | {dt:.1f} s | epoch {order.epoch} | "
+                f"eta {recent * (num_steps - step) / 60:.1f} min",
+                flush=True,
+            )
+        if args.eval_every and step % args.eval_every == 0 and step < num_steps:
+            results = evaluate(step)
+        code = train_loop.end_of_step(
+            step,
+            num_steps,
+            args.save_every,
+            args.stop_at,
+            stop.signum,
+            runtime_stop(stop, rt),
+            partial(save, ckpt_dir, step, run_config, config, model, optimizer, order, rt, None),
+        )
+        if code is not None:
+            return code
+    results = evaluate(step)
+    seconds = time.monotonic() - started
+    if rt.master:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+        log(f"done: GSM8K {shown} after {seconds / 60:.1f} min")
+        before = ", ".join(f"{k} {v:.4f}" for k, v in first_results.items()) or "not measured"
+        write_section(
+            base,
+            "rl",
+            "RL (GSM8K)",
+            {
+                "from": run_config["init_from"],
+                "tasks": f"{args.tasks}: {len(train_task):,} train, "
+                f"{min(args.eval_problems, len(test_task))} test problems evaluated",
+                "steps": f"{num_steps} x {args.prompts_per_step} prompts x {args.samples} samples",
+                "processes": rt.world_size,
+                "wall time (this run)": f"{seconds / 60:.1f} min",
+                "GSM8K before": before,
+                "GSM8K after": shown,
+                "mean reward first / last step": (
+                    f"{reward_history[0]:.3f} / {reward_history[-1]:.3f}"
+                    if reward_history
+                    else "n/a"
+                ),
+            },
+            metrics={**results, **({"mean_reward": reward_history[-1]} if reward_history else {})},
+            wall_seconds=seconds,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
