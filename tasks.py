@@ -121,7 +121,11 @@ ns = Collection()
 for _stage in STAGES:
     ns.add_task(_stage_task(_stage.name, _stage.summary))
 ns.add_task(
-    _knob_task("speedrun", "every stage in order, skipping complete ones (any backend)", speedrun)
+    _knob_task(
+        "speedrun",
+        "every stage in order, skipping complete ones (RL=1 adds RL, FORCE=stage reruns)",
+        speedrun,
+    )
 )
 ns.add_task(Task(test, help={"args": "extra pytest arguments"}))
 ns.add_task(Task(lint))

@@ -16,7 +16,7 @@ from backends.presets import DEFAULT_PRESET, PRESETS
 from backends.stages import STAGES
 
 OTHER_TARGETS = (
-    ("speedrun", "every stage in order, skipping complete ones (takes the knobs)"),
+    ("speedrun", "every stage in order, skipping complete ones (RL=1 adds RL, FORCE= reruns)"),
     ("docker-build", "build the image of docker/Dockerfile (tagged by a hash of its inputs)"),
     ("docker-shell", "interactive shell in the image: GPUs, BASE_DIR at /data/nanochat"),
     ("volume-ls", "list the Modal volumes; PATH=base_checkpoints narrows it"),

@@ -48,6 +48,12 @@ KNOBS: tuple[Knob, ...] = (
     Knob("args", "extra flags passed verbatim to the stage script, e.g. ARGS='--vocab-size=8192'"),
     Knob("dry_run", "print the exact command(s) and run nothing", "bool"),
     Knob("detach", "Modal: keep running after this terminal disconnects", "bool"),
+    Knob("rl", "speedrun: include RL on GSM8K and its chat eval", "bool"),
+    Knob(
+        "force",
+        "speedrun: run this stage (or stages, comma-separated) and every later one again, "
+        "training from scratch; 'all' = everything",
+    ),
 )
 KNOBS_BY_NAME = {knob.name: knob for knob in KNOBS}
 
@@ -69,7 +75,7 @@ def check_raw(values: dict[str, object]) -> dict[str, object]:
         knob = KNOBS_BY_NAME.get(name)
         if knob is None:
             raise UsageError(f"unknown knob {name!r}; knobs: {', '.join(KNOBS_BY_NAME)}")
-        if raw is None or raw == "":
+        if raw is None or raw == "" or raw is False:  # not given (invoke's default for bools)
             continue
         if knob.kind == "int":
             parsed[name] = parse_positive_int(knob, raw)

@@ -8,28 +8,40 @@ runs inside the backend (``python -m ...`` / ``torchrun ...``, the same string e
 and, for Modal, the GPU string. Each backend module offers ``describe(plan)`` (what a dry
 run prints) and ``run(plan)`` (the exit code). Backend modules that need an SDK (docker,
 modal) are imported only when chosen, so the launcher stays light.
+
+``make speedrun`` is the entries of ``stages.SPEEDRUN`` as plans: complete ones skipped
+unless FORCE names them or an earlier entry (forced training stages get
+NANOCHAT_RESUME=never), and where it helps the download split in two, the rest of the
+shards fetched in the background by a second launcher (``python -m backends.launch``)
+while the tokenizer trains. Local and docker run that loop here, Modal remotely.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends import command, local
+from backends import command, local, stages
 from backends.knobs import CHECKPOINT_SOURCES, KNOBS_BY_NAME, check_raw
 from backends.presets import DEFAULT_PRESET, get_preset
 from backends.stages import (
     REMOTE_CPU_CORES,
-    SPEEDRUN,
+    RESUME_ENV,
+    SPEEDRUN_KNOBS,
+    TOKENIZER_SHARDS,
+    SpeedrunEntry,
     Stage,
     get_stage,
     gpu_count,
     remote_gpu,
+    trains,
 )
 from nanochat.common import BASE_DIR_ENV, DEFAULT_BASE_DIR, UsageError
 
@@ -66,6 +78,13 @@ class Plan:
     remote_gpu: str | None  # the Modal GPU string (None: CPU container)
     dry_run: bool
     detach: bool
+    given: dict[str, object] = field(default_factory=dict)  # the user's checked knobs
+    # Speedrun entries only: how logs name it, run even when complete, start without waiting
+    # (the rest of the download), wait for the background run before starting.
+    label: str = ""
+    force: bool = False
+    background: bool = False
+    wait: bool = False
 
     @property
     def done_path(self) -> str | None:
@@ -131,14 +150,11 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
     knobs = {**preset.knobs, **given}
     notes = [
         f"{KNOBS_BY_NAME[name].make_var} is not used by stage {stage.name!r}"
+        + (" (it is a speedrun knob)" if name in SPEEDRUN_KNOBS else "")
         for name in given
         if name not in stage.knobs and name not in RUNNER_KNOBS
     ]
-    if given.get("detach") and backend != "modal":
-        notes.append("DETACH only applies to BACKEND=modal")
-    if "gpu" in given and backend != "modal":
-        notes.append("GPU only applies to BACKEND=modal; GPUS sets the process count here")
-    for note in [] if quiet else notes:
+    for note in [] if quiet else notes + runner_notes(given, backend):
         print(f"note: {note}", file=sys.stderr)
     if int(knobs.get("nodes") or 1) > 1:
         raise UsageError(
@@ -185,7 +201,17 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
         remote_gpu=gpu_string if backend == "modal" else None,
         dry_run=dry_run,
         detach=bool(given.get("detach")),
+        given=given,
     )
+
+
+def runner_notes(given: dict[str, object], backend: str) -> list[str]:
+    notes = []
+    if given.get("detach") and backend != "modal":
+        notes.append("DETACH only applies to BACKEND=modal")
+    if "gpu" in given and backend != "modal":
+        notes.append("GPU only applies to BACKEND=modal; GPUS sets the process count here")
+    return notes
 
 
 def launch(stage_name: str, **raw: object) -> int:
@@ -213,21 +239,149 @@ def dry_run_note(the_plan: Plan) -> str:
     return note
 
 
+# ---- make speedrun ------------------------------------------------------------------------
+
+
+def force_start(entries: list[SpeedrunEntry], value: object | None) -> int | None:
+    """The index of the first entry FORCE reruns (FORCE=a,b: the earliest of them; every
+    later entry is forced too); None without FORCE. Unknown names are a UsageError."""
+    if not value:
+        return None
+    names = [name.strip() for name in str(value).split(",") if name.strip()]
+    known = list(dict.fromkeys(entry.stage for entry in stages.SPEEDRUN))
+    if not names:
+        raise UsageError(f"FORCE names no stage; speedrun stages: {', '.join(known)}, all")
+    if "all" in names:
+        return 0
+    starts = []
+    for name in names:
+        if name not in known:
+            raise UsageError(
+                f"FORCE: {name!r} is not a speedrun stage; speedrun stages: {', '.join(known)}, all"
+            )
+        at = next((i for i, entry in enumerate(entries) if entry.stage == name), None)
+        if at is None:
+            when = next(entry.when for entry in stages.SPEEDRUN if entry.stage == name)
+            raise UsageError(f"FORCE: {name!r} runs in the speedrun only with {when.upper()}=1")
+        starts.append(at)
+    return min(starts)
+
+
 def speedrun_plans(**raw: object) -> list[Plan]:
-    """Plans for every speedrun stage; every stage must exist unless this is a dry run."""
-    dry_run = bool(check_raw(raw).get("dry_run"))
-    missing = [name for name in SPEEDRUN if not get_stage(name).implemented()]
+    """Plans for every speedrun entry in order, FORCE and the background download applied.
+    Every stage must exist unless this is a dry run."""
+    given = check_raw(raw)
+    dry_run = bool(given.get("dry_run"))
+    entries = [e for e in stages.SPEEDRUN if e.when is None or given.get(e.when)]
+    forced_from = force_start(entries, given.get("force"))
+    missing = list(dict.fromkeys(e.stage for e in entries if not get_stage(e.stage).implemented()))
     if missing and not dry_run:
         raise UsageError(
             f"speedrun needs stage(s) not implemented yet: {', '.join(missing)} "
             "(DRY_RUN=1 shows the plan)"
         )
+    stage_knobs = {k: v for k, v in given.items() if k not in SPEEDRUN_KNOBS}
     plans = []
-    for name in SPEEDRUN:
-        plans.append(plan(name, quiet=bool(plans), **{**raw, "dry_run": True}))
+    for index, entry in enumerate(entries):
+        # The entry's knobs win (chat-eval's SOURCE); every plan is checked as a dry run
+        # first, so nothing starts before all of them are valid.
+        the_plan = plan(entry.stage, quiet=True, **{**stage_knobs, **entry.knobs, "dry_run": True})
+        force = forced_from is not None and index >= forced_from
+        if force and trains(the_plan.stage):  # its inputs changed: start over
+            env = {**the_plan.command.env, RESUME_ENV: "never"}
+            the_plan = dataclasses.replace(
+                the_plan, command=dataclasses.replace(the_plan.command, env=env)
+            )
+        plans.append(dataclasses.replace(the_plan, label=entry.label, force=force))
+    used = {knob for p in plans for knob in p.stage.knobs} | {*RUNNER_KNOBS, *SPEEDRUN_KNOBS}
+    notes = [f"{KNOBS_BY_NAME[k].make_var} is not used by any speedrun stage" for k in given]
+    notes = [note for k, note in zip(given, notes, strict=True) if k not in used]
+    for note in notes + runner_notes(given, plans[0].backend):
+        print(f"note: {note}", file=sys.stderr)
+    plans = split_download(plans)
     if not dry_run and plans[0].backend != "local":
         backend_module(plans[0].backend).check_ready()
     return [dataclasses.replace(p, dry_run=dry_run) for p in plans]
+
+
+def split_download(plans: list[Plan]) -> list[Plan]:
+    """Where it helps, the download entry becomes two: the first TOKENIZER_SHARDS shards
+    now, then the whole download in the background while the WHILE_DOWNLOADING entries
+    (the tokenizer's) run; the entry after them waits for it. It helps when more shards are
+    wanted than the tokenizer reads and a tokenizer entry will run (on Modal, where the
+    volume cannot be seen from here, it is assumed to)."""
+    at = next((i for i, p in enumerate(plans) if p.stage.name == "download"), None)
+    if at is None:
+        return plans
+    full = plans[at]
+    shards = int(full.knobs.get("shards") or 0)
+    source = str(full.knobs.get("source") or "")
+    converts = bool(source) and not source.startswith(("http://", "https://"))  # a folder
+    if shards <= TOKENIZER_SHARDS or full.knobs.get("dataset") == "embedded" or converts:
+        return plans
+    end = at + 1
+    while end < len(plans) and plans[end].stage.name in stages.WHILE_DOWNLOADING:
+        end += 1
+    during = plans[at + 1 : end]
+    helps = any(
+        p.done_path and (p.force or p.backend == "modal" or not is_complete(p)) for p in during
+    )
+    if end == len(plans) or not helps:
+        return plans
+    first = plan(
+        "download", quiet=True, **{**full.given, "shards": TOKENIZER_SHARDS, "dry_run": True}
+    )
+    return [
+        *plans[:at],
+        dataclasses.replace(first, label=f"download SHARDS={TOKENIZER_SHARDS}", force=full.force),
+        dataclasses.replace(full, label=f"download SHARDS={shards}", background=True),
+        *during,
+        dataclasses.replace(plans[end], wait=True),
+        *plans[end + 1 :],
+    ]
+
+
+def speedrun_notes(plans: list[Plan]) -> list[str]:
+    """What FORCE and the background download do to this speedrun, in words."""
+    lines = []
+    forced = [p.label for p in plans if p.force and not p.background]
+    if forced:
+        fresh = [p.label for p in plans if p.command.env.get(RESUME_ENV) == "never"]
+        line = f"FORCE: {', '.join(forced)} run again even if complete"
+        if fresh:
+            line += f"; {', '.join(fresh)} start over ({RESUME_ENV}=never; nothing is deleted)"
+        lines.append(line)
+    background = next((i for i, p in enumerate(plans) if p.background), None)
+    if background is not None:
+        rest = int(plans[background].knobs["shards"]) - TOKENIZER_SHARDS
+        during = [
+            p.label for p in plans[background + 1 :] if p.stage.name in stages.WHILE_DOWNLOADING
+        ]
+        waiter = next(p.label for p in plans if p.wait)
+        lines.append(
+            f"download: first {TOKENIZER_SHARDS} shards now, the other {rest} in the background "
+            f"while {', '.join(during)} run; {waiter} waits for it"
+        )
+    return lines
+
+
+def entry_line(number: int, the_plan: Plan) -> str:
+    """One entry of a speedrun as a dry run lists it: ``[8] chat-eval SOURCE=mid (forced)``."""
+    states = []
+    if the_plan.background:
+        states.append("in the background")
+    if the_plan.wait:
+        states.append("after the background download")
+    if the_plan.force:
+        fresh = the_plan.command.env.get(RESUME_ENV) == "never"
+        states.append(f"forced{f', {RESUME_ENV}=never' if fresh else ''}")
+    elif the_plan.backend == "modal":
+        states.append("skipped when complete" if the_plan.done_path else "always runs")
+    elif is_complete(the_plan):
+        states.append(f"complete ({the_plan.done_path}): skipped")
+    return f"[{number}] {the_plan.label or the_plan.stage.name}" + (
+        f" ({'; '.join(states)})" if states else ""
+    )
 
 
 def is_complete(the_plan: Plan, base_dir: Path | None = None) -> bool:
@@ -235,31 +389,171 @@ def is_complete(the_plan: Plan, base_dir: Path | None = None) -> bool:
     return marker is not None and ((base_dir or the_plan.base_dir) / marker).exists()
 
 
-def speedrun(**raw: object) -> int:
-    """Every stage in order, skipping complete ones. Modal runs the loop remotely (so
-    DETACH=1 survives a closed laptop); local and docker run it here."""
-    plans = speedrun_plans(**raw)
-    backend = backend_module(plans[0].backend)
-    if hasattr(backend, "run_speedrun"):
-        return backend.run_speedrun(plans)
-    for the_plan in plans:
-        if the_plan.dry_run:
-            print(backend.describe(the_plan), flush=True)
-            continue
-        if is_complete(the_plan):
-            print(
-                f"[nanochat] speedrun: {the_plan.stage.name} is complete "
-                f"({the_plan.done_path}); skipping",
-                file=sys.stderr,
+def report_table(base_dir: Path) -> str | None:
+    """The last table of report/report.md (the report card's summary); None without one."""
+    try:
+        lines = (base_dir / "report" / "report.md").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    blocks: list[list[str]] = [[]]
+    for line in lines:
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    tables = [block for block in blocks if block]
+    return "\n".join(tables[-1]) if tables else None
+
+
+def chat_hint(the_plan: Plan) -> str:
+    """How to talk to the model the speedrun made, with the knobs that find it."""
+    knobs = f" PRESET={the_plan.preset}"
+    if the_plan.backend != "local":
+        knobs += f" BACKEND={the_plan.backend}"
+    if the_plan.given.get("base_dir"):
+        knobs += f" BASE_DIR={the_plan.given['base_dir']}"
+    if the_plan.backend == "modal":
+        return f"chat with it: make chat-web{knobs} (a Modal URL)"
+    return f"chat with it: make chat-cli{knobs}  (or make chat-web{knobs})"
+
+
+class BackgroundRun:
+    """A stage run by a second launcher (``python -m backends.launch STAGE KNOBS``), so it
+    goes through the same backend as the rest; its output goes to a log under BASE_DIR/logs
+    and the terminal stays with the entries in front."""
+
+    def __init__(self, the_plan: Plan):
+        self.plan = the_plan
+        self.log = the_plan.base_dir / "logs" / f"speedrun-{the_plan.stage.name}-background.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        knobs = {k: v for k, v in the_plan.given.items() if k != "dry_run"}
+        argv = [sys.executable, "-m", "backends.launch", the_plan.stage.name, json.dumps(knobs)]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv, cwd=local.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out
             )
-            continue
-        start = time.monotonic()
-        code = backend.execute(the_plan)
-        took = (time.monotonic() - start) / 60
+        self.start = time.monotonic()
         print(
-            f"[nanochat] speedrun: {the_plan.stage.name} exited {code} after {took:.1f} min",
+            f"[nanochat] speedrun: {the_plan.label} started in the background "
+            f"(pid {self.proc.pid}, log {self.log})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def wait(self) -> int:
+        print(f"[nanochat] speedrun: waiting for {self.plan.label}", file=sys.stderr, flush=True)
+        code = self.proc.wait()
+        code = 128 - code if code < 0 else code
+        took = (time.monotonic() - self.start) / 60
+        print(
+            f"[nanochat] speedrun: {self.plan.label} (background) exited {code} after "
+            f"{took:.1f} min",
             file=sys.stderr,
         )
         if code:
-            return code
-    return 0
+            tail = self.log.read_text(errors="replace").splitlines()[-15:]
+            lines = [f"[nanochat] speedrun: the end of {self.log}:", *tail]
+            print("\n".join(lines), file=sys.stderr)
+        return code
+
+    def stop(self) -> None:
+        """End it when the speedrun stops early (its runner passes SIGTERM to the stage)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_entries(plans: list[Plan], backend) -> int:
+    """The speedrun loop of local and docker: skip complete entries unless forced, run the
+    background download beside the entries in front of it, stop at the first failure."""
+    background: BackgroundRun | None = None
+    try:
+        for the_plan in plans:
+            name = the_plan.label or the_plan.stage.name
+            if the_plan.wait and background is not None:
+                code, background = background.wait(), None
+                if code:
+                    return code
+            if the_plan.background:
+                background = BackgroundRun(the_plan)
+                continue
+            if is_complete(the_plan):
+                if not the_plan.force:
+                    print(
+                        f"[nanochat] speedrun: {name} is complete ({the_plan.done_path}); skipping",
+                        file=sys.stderr,
+                    )
+                    continue
+                print(
+                    f"[nanochat] speedrun: {name} is complete; forced: running it again",
+                    file=sys.stderr,
+                )
+            start = time.monotonic()
+            code = backend.execute(the_plan)
+            took = (time.monotonic() - start) / 60
+            done = f"[nanochat] speedrun: {name} exited {code} after {took:.1f} min"
+            print(done, file=sys.stderr)
+            if code:
+                return code
+        return background.wait() if background is not None else 0
+    finally:
+        if background is not None:
+            background.stop()
+
+
+def speedrun(**raw: object) -> int:
+    """Every entry in order, skipping complete ones unless forced. Modal runs the loop
+    remotely (so DETACH=1 survives a closed laptop); local and docker run it here."""
+    plans = speedrun_plans(**raw)
+    backend = backend_module(plans[0].backend)
+    dry_run = plans[0].dry_run
+    for line in speedrun_notes(plans):
+        if dry_run:
+            print(f"# {line}", flush=True)
+        else:
+            print(f"[nanochat] speedrun: {line}", file=sys.stderr, flush=True)
+    if hasattr(backend, "run_speedrun"):
+        return backend.run_speedrun(plans)
+    if dry_run:
+        print(
+            f"# speedrun, preset {plans[0].preset}, BACKEND={plans[0].backend}: {len(plans)} "
+            "entries in order; complete ones are skipped unless forced"
+        )
+        for number, the_plan in enumerate(plans, 1):
+            print(f"# {entry_line(number, the_plan)}")
+            print(backend.describe(the_plan), flush=True)
+        return 0
+    code = run_entries(plans, backend)
+    if code == 0:
+        table = report_table(plans[0].base_dir)
+        print("[nanochat] speedrun: done", file=sys.stderr, flush=True)
+        if table:
+            print(f"report card ({plans[0].base_dir / 'report' / 'report.md'}):\n{table}")
+        print(chat_hint(plans[0]), flush=True)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    """``python -m backends.launch STAGE '{"knob": value}'``: one stage, as `make STAGE`
+    would run it (the speedrun's background download)."""
+    try:
+        if len(argv) != 2:
+            raise UsageError("usage: python -m backends.launch STAGE '{\"knob\": value}'")
+        try:
+            knobs = json.loads(argv[1])
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"the knobs must be a JSON object: {exc}") from None
+        if not isinstance(knobs, dict):
+            raise UsageError("the knobs must be a JSON object")
+        return launch(argv[0], **knobs)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

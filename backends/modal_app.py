@@ -2,7 +2,8 @@
 
 ``make <stage> BACKEND=modal`` (backends/modal_backend.py) runs the function of that stage;
 ``make speedrun BACKEND=modal`` runs ``speedrun_remote``, which calls the stage functions in
-order from inside Modal, so a detached run survives the laptop. Inside the container a
+order from inside Modal (the background download with ``.spawn()``, joined with ``.get()``),
+so a detached run survives the laptop. Inside the container a
 stage runs through the local backend's own runner (backends/local.py): the same command,
 the same signal handling, the same exit codes.
 
@@ -32,10 +33,12 @@ from pathlib import Path
 import modal
 
 from backends import command, local
+from backends.launch import report_table
 from backends.pricing import gpu_hours
 from backends.secrets import load_secrets
 from backends.stages import (
     REMOTE_CPU_CORES,
+    RESUME_ENV,
     STAGES,
     STAGES_BY_NAME,
     Stage,
@@ -62,7 +65,6 @@ VOLUMES: dict[str, tuple[str, ...]] = {
 }
 CHECKPOINT_VOLUME = "nanochat-checkpoints"
 MODAL_SECRET_ENV = "NANOCHAT_MODAL_SECRET"  # optional name of a Modal secret to attach too
-RESUME_ENV = "NANOCHAT_RESUME"  # "auto": training stages resume from their latest checkpoint
 WEB_KNOBS_ENV = "NANOCHAT_WEB_KNOBS"  # chat-web's knobs (JSON), fixed when the app is built
 COMMIT_POLL_S = 30.0
 USAGE_ERROR = 2  # a stage's bad-input exit code: retrying cannot help
@@ -187,7 +189,9 @@ class CheckpointCommitter(threading.Thread):
 
 def remote_command(stage: Stage, knobs: dict, base: Path) -> command.StageCommand:
     """The stage's command as built here, in the container: processes = GPUS or every GPU
-    this container has (read at run time), threads shared out like the local backend."""
+    this container has (read at run time), threads shared out like the local backend.
+    Training stages resume (NANOCHAT_RESUME=auto) unless knobs["env"] says otherwise (a
+    forced speedrun entry starts over: "never")."""
     visible = local.visible_gpus()
     nproc = 1
     if stage.multiprocess:
@@ -195,6 +199,7 @@ def remote_command(stage: Stage, knobs: dict, base: Path) -> command.StageComman
     cores = os.cpu_count() or 1
     threads = 1 if visible else max(1, cores // nproc)
     cmd = command.build(stage, str(knobs.get("preset") or "tiny"), knobs, nproc, base, threads)
+    cmd.env.update({str(k): str(v) for k, v in (knobs.get("env") or {}).items()})
     if stage.retries:
         cmd.env.setdefault(RESUME_ENV, "auto")
     return cmd
@@ -270,52 +275,115 @@ def function_for(stage: Stage, gpu: str | None):
     return fn, False
 
 
-def call_stage(stage: Stage, knobs: dict, gpu: str | None) -> dict:
+def _bound(stage: Stage, knobs: dict, gpu: str | None):
+    """The function that runs ``stage`` on ``gpu`` and the arguments it takes."""
     fn, on_cpu = function_for(stage, gpu)
     if on_cpu:
         options = stage_options(stage)
-        return fn.with_options(timeout=options["timeout"], retries=options["retries"]).remote(
-            stage.name, knobs
-        )
-    return fn.remote(knobs)
+        fn = fn.with_options(timeout=options["timeout"], retries=options["retries"])
+        return fn, (stage.name, knobs)
+    return fn, (knobs,)
 
 
-def orchestrate(steps: list[dict], call=call_stage, base: Path | None = None) -> list[dict]:
-    """Run speedrun steps in order: skip complete ones, stop at the first failure.
-    Each step: {"stage", "knobs", "gpu", "done"} (done: marker path under BASE_DIR or None)."""
+def call_stage(stage: Stage, knobs: dict, gpu: str | None) -> dict:
+    fn, args = _bound(stage, knobs, gpu)
+    return fn.remote(*args)
+
+
+def spawn_stage(stage: Stage, knobs: dict, gpu: str | None):
+    """Start the stage without waiting: a ``modal.FunctionCall`` (``.get()`` waits for its
+    result and raises when the stage failed for good, ``.cancel()`` stops it)."""
+    fn, args = _bound(stage, knobs, gpu)
+    return fn.spawn(*args)
+
+
+def _join(pending: list, results: list[dict]) -> bool:
+    """Wait for the background calls; False when one failed."""
+    ok = True
+    for step, handle in pending:
+        label = step.get("label") or step["stage"]
+        print(f"[nanochat] speedrun: waiting for {label} (in the background)")
+        try:
+            result = handle.get()
+        except Exception as exc:  # its retries are used up
+            print(f"[nanochat] speedrun: {label} (background) failed: {exc}")
+            result = {"stage": step["stage"], "exit_code": 1}
+        print(f"[nanochat] speedrun: {label} (background) exited {result.get('exit_code')}")
+        results.append(result)
+        ok = ok and not result.get("exit_code")
+    pending.clear()
+    return ok
+
+
+def orchestrate(
+    steps: list[dict], call=call_stage, spawn=spawn_stage, base: Path | None = None
+) -> list[dict]:
+    """Run speedrun steps in order: skip complete ones unless forced, stop at the first
+    failure. Each step (backends/modal_backend.py speedrun_steps): {"stage", "label",
+    "knobs", "gpu", "done" (marker under BASE_DIR or None), "force" (run even when
+    complete), "env" (added to the stage's command), "background" (start it and go on),
+    "wait" (join the background calls first)}."""
     base = base or Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
-    results = []
+    results: list[dict] = []
+    pending: list = []  # (step, call handle) of background steps
+    failed = False
     for step in steps:
         stage = STAGES_BY_NAME[step["stage"]]
+        label = step.get("label") or stage.name
+        if step.get("wait") and pending and not _join(pending, results):
+            failed = True
+            break
         for vol in volumes.values():
             if not modal.is_local():
                 vol.reload()  # see what the previous stage committed
-        if step.get("done") and (base / step["done"]).exists():
-            print(f"[nanochat] speedrun: {stage.name} is complete ({step['done']}); skipping")
-            results.append({"stage": stage.name, "skipped": True})
+        knobs = {**step["knobs"], "env": step["env"]} if step.get("env") else step["knobs"]
+        if step.get("background"):
+            print(f"[nanochat] speedrun: {label} on {step['gpu'] or 'CPU'}, in the background")
+            pending.append((step, spawn(stage, knobs, step["gpu"])))
             continue
-        print(f"[nanochat] speedrun: {stage.name} on {step['gpu'] or 'CPU'}")
+        if step.get("done") and (base / step["done"]).exists():
+            if not step.get("force"):
+                print(f"[nanochat] speedrun: {label} is complete ({step['done']}); skipping")
+                results.append({"stage": stage.name, "skipped": True})
+                continue
+            print(f"[nanochat] speedrun: {label} is complete; forced: running it again")
+        print(f"[nanochat] speedrun: {label} on {step['gpu'] or 'CPU'}")
         try:
-            result = call(stage, step["knobs"], step["gpu"])
+            result = call(stage, knobs, step["gpu"])
         except Exception as exc:  # the stage's retries are used up
-            print(f"[nanochat] speedrun: {stage.name} failed: {exc}")
+            print(f"[nanochat] speedrun: {label} failed: {exc}")
             results.append({"stage": stage.name, "exit_code": 1})
+            failed = True
             break
         hours = gpu_hours(step["gpu"], result.get("seconds", 0))
-        print(f"[nanochat] speedrun: {stage.name} used {hours:.2f} GPU-hours")
+        print(f"[nanochat] speedrun: {label} used {hours:.2f} GPU-hours")
         results.append(result)
         if result.get("exit_code"):
+            failed = True
             break
+    if failed:
+        for _, handle in pending:
+            try:
+                handle.cancel()
+            except Exception as exc:  # it may have ended meanwhile
+                print(f"[nanochat] speedrun: could not cancel a background call: {exc}")
+    else:
+        _join(pending, results)
     return results
 
 
 @app.function(secrets=SECRETS, cpu=1.0, timeout=24 * 3600, retries=2)
-def speedrun_remote(steps: list[dict]) -> list[dict]:
+def speedrun_remote(steps: list[dict]) -> dict:
     """The speedrun's loop, inside Modal: a detached run keeps going without the laptop;
-    when this orchestrator is restarted it skips the stages already complete."""
+    when this orchestrator is restarted it skips the stages already complete. Returns
+    {"results": one dict per step run or skipped, "table": the report card's summary}."""
     base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
     link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
-    return orchestrate(steps, base=base)
+    results = orchestrate(steps, base=base)
+    if not modal.is_local():
+        for vol in volumes.values():
+            vol.reload()  # the report stage's commit
+    return {"results": results, "table": report_table(base)}
 
 
 # ---- the web UI --------------------------------------------------------------------------

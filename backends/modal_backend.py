@@ -19,10 +19,11 @@ import sys
 import time
 
 from backends import pricing
+from backends.launch import chat_hint, entry_line
 from backends.presets import PRESETS
 from backends.secrets import describe as describe_secrets
 from backends.secrets import load_secrets
-from backends.stages import remote_gpu
+from backends.stages import RESUME_ENV, remote_gpu
 from nanochat.common import UsageError
 
 LOGIN_HELP = (
@@ -133,25 +134,38 @@ def execute(plan) -> int:
 
 
 def speedrun_steps(plans) -> list[dict]:
+    """What ``speedrun_remote`` runs: per entry its stage, knobs, GPU, completion marker,
+    whether FORCE reruns it, the env it adds (``NANOCHAT_RESUME=never`` to start over),
+    and the background download's flags (``background``: start it; ``wait``: join it first)."""
     return [
         {
             "stage": p.stage.name,
+            "label": p.label,
             "knobs": payload(p),
             "gpu": p.remote_gpu,
             "done": p.done_path,
+            "force": p.force,
+            "env": {k: v for k, v in p.command.env.items() if k == RESUME_ENV},
+            "background": p.background,
+            "wait": p.wait,
         }
         for p in plans
     ]
 
 
 def run_speedrun(plans) -> int:
-    """Print the plan and estimate; then run the loop remotely (``speedrun_remote``)."""
+    """Print the plan and estimate; then run the loop remotely (``speedrun_remote``) and
+    print the report card's table it sends back."""
     total_hours = total_cost = 0.0
     print(f"# modal speedrun, preset {plans[0].preset} ({PRESETS[plans[0].preset].summary})")
-    for plan in plans:
+    for number, plan in enumerate(plans, 1):
         est = estimate(plan)
-        total_hours += est.hours
-        total_cost += est.cost
+        # The first shards of a split download are part of the whole one's estimate.
+        if not (number < len(plans) and plans[number].background):
+            total_hours += est.hours
+            total_cost += est.cost
+        if plan.dry_run:
+            print(f"# {entry_line(number, plan)}")
         print(describe(plan) if plan.dry_run else f"# estimate: {est.line()}")
     print(f"# estimate, all stages: ~{total_hours:.1f} h, ~${total_cost:,.2f} (list prices)")
     if plans[0].dry_run:
@@ -161,23 +175,34 @@ def run_speedrun(plans) -> int:
     from backends import modal_app
 
     steps = speedrun_steps(plans)
+    fetch = "make volume-get PATH=report/report.md DEST=."
     with modal.enable_output(), modal_app.app.run(detach=plans[0].detach):
         _follow_hint(modal_app.app)
         if plans[0].detach:
             call = modal_app.speedrun_remote.spawn(steps)
             print(
                 f"[nanochat] modal: detached speedrun (call {call.object_id}); it survives "
-                "this terminal. Completed stages are skipped when you run it again.",
+                "this terminal. Completed stages are skipped when you run it again. When it "
+                f"is done: `{fetch}` brings the report card home; {chat_hint(plans[0])}.",
                 file=sys.stderr,
             )
             return 0
-        results = modal_app.speedrun_remote.remote(steps)
+        outcome = modal_app.speedrun_remote.remote(steps)
+    results = outcome["results"]
     for result in results:
         if not result.get("skipped"):
             gpu = next(s["gpu"] for s in steps if s["stage"] == result["stage"])
             _print_result(result, gpu)
     failed = [r for r in results if r.get("exit_code")]
-    return int(failed[0]["exit_code"]) if failed else 0
+    if failed:
+        return int(failed[0]["exit_code"])
+    print("[nanochat] speedrun: done", file=sys.stderr, flush=True)
+    if outcome.get("table"):
+        print(f"report card (on the volume; `{fetch}` brings it home):\n{outcome['table']}")
+    else:
+        print(f"report card: `{fetch}`")
+    print(chat_hint(plans[0]), flush=True)
+    return 0
 
 
 def serve_web(plan) -> int:

@@ -49,6 +49,7 @@ REFERENCE_GPU = {"tiny": "cpu", "quick": "A100-80GB:4", "speedrun": "H100:8", "g
 EXPECTED_HOURS: dict[str, dict[str, float]] = {
     "tiny": {
         "download": 0.02,
+        "task-data": 0.01,
         "tokenizer": 0.02,
         "tokenizer-eval": 0.01,
         "pretrain": 0.1,
@@ -61,6 +62,7 @@ EXPECTED_HOURS: dict[str, dict[str, float]] = {
     },
     "quick": {
         "download": 0.1,
+        "task-data": 0.1,
         "tokenizer": 0.5,
         "tokenizer-eval": 0.05,
         "pretrain": 0.5,
@@ -73,6 +75,7 @@ EXPECTED_HOURS: dict[str, dict[str, float]] = {
     },
     "speedrun": {
         "download": 0.5,
+        "task-data": 0.1,
         "tokenizer": 0.3,
         "tokenizer-eval": 0.05,
         "pretrain": 3.0,
@@ -85,6 +88,7 @@ EXPECTED_HOURS: dict[str, dict[str, float]] = {
     },
     "gpt2": {
         "download": 0.5,
+        "task-data": 0.1,
         "tokenizer": 0.3,
         "tokenizer-eval": 0.05,
         "pretrain": 1.9,

@@ -188,8 +188,14 @@ STAGES: tuple[Stage, ...] = (
         reads=(CKPT, "task_data/"),
         writes=("sft_checkpoints/", "report/sft.md"),
         preset_args={
-            "tiny": (*TINY_CHAT_TRAINING, "--init-lr-frac=0.2"),
-            "smoke": SMOKE_CHAT_TRAINING,
+            "tiny": (
+                *TINY_CHAT_TRAINING,
+                "--init-lr-frac=0.2",
+                "--chatcore-every=30",
+                "--chatcore-problems=8",
+                "--chatcore-max-tokens=64",
+            ),
+            "smoke": (*SMOKE_CHAT_TRAINING, "--chatcore-problems=2", "--chatcore-max-tokens=16"),
         },
         done="report/sft.md",
         timeout_h=8,
@@ -268,18 +274,57 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 
-# `make speedrun`: raw text to a chat model with a report card, in this order.
-SPEEDRUN = (
-    "download",
-    "tokenizer",
-    "tokenizer-eval",
-    "pretrain",
-    "base-eval",
-    "midtrain",
-    "sft",
-    "chat-eval",
-    "report",
+# `make speedrun`: raw text to a chat model with a report card. Each entry is a stage plus
+# the knobs it runs with whatever the user set (chat-eval once per checkpoint kind, so the
+# report card fills its MID / SFT / RL columns; sft and rl name what they start from, so a
+# user's SOURCE reaches only the download, as its data mirror), and the bool knob that
+# must be on for it to run (RL=1 adds RL and its chat eval).
+
+
+@dataclass(frozen=True)
+class SpeedrunEntry:
+    stage: str
+    knobs: dict[str, str] = field(default_factory=dict)  # win over the user's knobs
+    when: str | None = None  # a bool knob that must be set; None = always
+
+    @property
+    def label(self) -> str:
+        """``chat-eval SOURCE=mid``: how dry runs and logs name the entry."""
+        return " ".join([self.stage, *(f"{k.upper()}={v}" for k, v in self.knobs.items())])
+
+
+SPEEDRUN: tuple[SpeedrunEntry, ...] = (
+    SpeedrunEntry("download"),
+    SpeedrunEntry("task-data"),
+    SpeedrunEntry("tokenizer"),
+    SpeedrunEntry("tokenizer-eval"),
+    SpeedrunEntry("pretrain"),
+    SpeedrunEntry("base-eval"),
+    SpeedrunEntry("midtrain"),
+    SpeedrunEntry("chat-eval", {"source": "mid"}),
+    SpeedrunEntry("sft", {"source": "mid"}),
+    SpeedrunEntry("chat-eval", {"source": "sft"}),
+    SpeedrunEntry("rl", {"source": "sft"}, when="rl"),
+    SpeedrunEntry("chat-eval", {"source": "rl"}, when="rl"),
+    SpeedrunEntry("report"),
 )
+# Knobs that mean something to `make speedrun` only (a single stage notes them as unused).
+SPEEDRUN_KNOBS = ("rl", "force")
+# The tokenizer reads 2e9 characters by default (scripts/tok_train.py --max-chars) and a
+# ClimbMix/FineWeb shard holds ~250M (DESIGN B.1): the first 8 shards are enough for it, so
+# a speedrun that needs more downloads those first and the rest in the background while
+# the entries below run (the seed's speedrun does the same).
+TOKENIZER_SHARDS = 8
+WHILE_DOWNLOADING = ("task-data", "tokenizer", "tokenizer-eval")
+# Training scripts read this as their --resume default: FORCE sets "never" (start over),
+# Modal's retries "auto" (continue from the latest checkpoint).
+RESUME_ENV = "NANOCHAT_RESUME"
+
+
+def trains(stage: Stage) -> bool:
+    """True for stages that write checkpoints (and resume from them)."""
+    return any(path.endswith("_checkpoints/") for path in stage.writes)
+
 
 # Remote GPUs when neither GPU nor the preset names one: the seed's choice (A100-80GB,
 # four for the multi-GPU stages, one for the single-GPU ones).

@@ -190,21 +190,79 @@ def test_web_command_listens_for_modals_proxy(base_dir):
     assert f"--port={modal_app.WEB_PORT}" in cmd.argv
 
 
+class EagerCall:
+    """Stands in for the modal.FunctionCall of spawn() here: the stage body has run already
+    (a stage needs the main thread for its signal handling); get() returns its result."""
+
+    def __init__(self, result: dict):
+        self.result = result
+
+    def get(self) -> dict:
+        return self.result
+
+    def cancel(self) -> None:
+        raise AssertionError("nothing failed: nothing to cancel")
+
+
 def test_orchestrator_runs_stages_in_order_and_skips_complete_ones(base_dir, volume_root):
     modal_app.link_base_dir(base_dir, volume_root)
     plans = [p for p in speedrun_plans(backend="modal", preset="tiny", dry_run=True)]
-    steps = modal_backend.speedrun_steps(plans)[:3]  # download, tokenizer, tokenizer-eval
-    assert [s["stage"] for s in steps] == ["download", "tokenizer", "tokenizer-eval"]
+    wanted = ("download", "tokenizer", "tokenizer-eval")
+    steps = [s for s in modal_backend.speedrun_steps(plans) if s["stage"] in wanted]
+    assert [s["stage"] for s in steps] == list(wanted)
     assert all(s["gpu"] is None for s in steps)  # tiny: CPU containers
 
     def run_here(stage, knobs, gpu):  # the stage functions' bodies, run in this process
         return modal_app.run_stage(stage.name, knobs)
 
-    first = modal_app.orchestrate(steps, call=run_here, base=base_dir)
+    spawned = []
+
+    def spawn_here(stage, knobs, gpu):
+        spawned.append(stage.name)
+        return EagerCall(modal_app.run_stage(stage.name, knobs))
+
+    first = modal_app.orchestrate(steps, call=run_here, spawn=spawn_here, base=base_dir)
     assert [r.get("exit_code") for r in first] == [0, 0, 0]
-    again = modal_app.orchestrate(steps, call=run_here, base=base_dir)
-    assert again[0].get("exit_code") == 0  # download always re-checks its shards
-    assert [r.get("skipped") for r in again[1:]] == [True, True]
+    assert spawned == []
+    # Again, the download in the background and tokenizer-eval forced: the tokenizer is
+    # skipped, the download joined before tokenizer-eval runs again.
+    again_steps = [
+        {**steps[0], "background": True},
+        steps[1],
+        {**steps[2], "force": True, "wait": True},
+    ]
+    again = modal_app.orchestrate(again_steps, call=run_here, spawn=spawn_here, base=base_dir)
+    assert spawned == ["download"]
+    assert [(r["stage"], r.get("skipped"), r.get("exit_code")) for r in again] == [
+        ("tokenizer", True, None),
+        ("download", None, 0),
+        ("tokenizer-eval", None, 0),
+    ]
+
+
+def test_speedrun_steps_carry_force_env_and_the_background_download(base_dir):
+    plans = speedrun_plans(backend="modal", preset="tiny", force="sft", dry_run=True)
+    steps = {s["label"]: s for s in modal_backend.speedrun_steps(plans)}
+    assert json.loads(json.dumps(steps)) == steps  # plain JSON for the remote call
+    sft = steps["sft SOURCE=mid"]
+    assert sft["force"] and sft["env"] == {"NANOCHAT_RESUME": "never"}
+    assert steps["chat-eval SOURCE=sft"]["force"] and steps["chat-eval SOURCE=sft"]["env"] == {}
+    assert not steps["midtrain"]["force"] and steps["midtrain"]["env"] == {}
+    assert steps["chat-eval SOURCE=mid"]["knobs"]["source"] == "mid"
+    assert steps["chat-eval SOURCE=mid"]["done"] == "report/chat-eval-mid.md"
+    # In the container the forced entry starts over; a plain one resumes.
+    stage = STAGES_BY_NAME["sft"]
+    forced = modal_app.remote_command(stage, {**sft["knobs"], "env": sft["env"]}, base_dir)
+    assert forced.env[modal_app.RESUME_ENV] == "never"
+    assert modal_app.remote_command(stage, sft["knobs"], base_dir).env["NANOCHAT_RESUME"] == "auto"
+    split = modal_backend.speedrun_steps(
+        speedrun_plans(backend="modal", preset="speedrun", dry_run=True)
+    )
+    assert [(s["label"], s["background"]) for s in split[:2]] == [
+        ("download SHARDS=8", False),
+        ("download SHARDS=150", True),
+    ]
+    assert [s["stage"] for s in split if s["wait"]] == ["pretrain"]
 
 
 def test_dry_run_wraps_the_local_command():
