@@ -33,3 +33,13 @@ def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float =
     return subprocess.run(
         argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "first: a long test the suite starts before the others")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``first`` run first: under ``-n 2`` the longest one then overlaps the
+    rest of the suite instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
