@@ -4,6 +4,8 @@ Every backend passes the same secrets: the local backend adds them to the child'
 docker as container environment, Modal as a ``modal.Secret``. Their values are never printed:
 dry runs and logs name them only. A variable set in the environment wins over ``.env``.
 All of them are optional; training runs without (wandb off, public datasets).
+HF_ENDPOINT (a Hugging Face mirror for the task-data stage) is no secret but travels the same
+way, so a mirror set here reaches the stage on every backend.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dotenv import dotenv_values
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOTENV = REPO_ROOT / ".env"
-SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN")
+SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "HF_ENDPOINT")
 
 
 def load_secrets(dotenv: Path = DOTENV, environ: Mapping[str, str] | None = None) -> dict[str, str]:

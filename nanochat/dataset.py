@@ -35,7 +35,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nanochat import shards
-from nanochat.common import CliParser, base_dir, log, non_negative_float, one_line, positive_int
+from nanochat.common import (
+    CliParser,
+    base_dir,
+    log,
+    non_negative_float,
+    one_line,
+    positive_float,
+    positive_int,
+)
 from nanochat.custom_data import InputError, convert_folder
 from nanochat.download import Downloader, Terminated, sigterm_as_interrupt
 from nanochat.shards import FolderBusy, building, folder_complete, folder_lock
@@ -122,13 +130,6 @@ def _pack(texts: list[str], shard_chars: int) -> list[list[str]]:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
 def build_parser() -> CliParser:
     parser = CliParser(
         prog="python -m nanochat.dataset",
@@ -191,7 +192,7 @@ def build_parser() -> CliParser:
     )
     net.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="connect and read timeout per request, in seconds (default: 60)",

@@ -38,6 +38,7 @@ from nanochat.common import (
     base_dir,
     log,
     non_negative_float,
+    positive_float,
     positive_int,
 )
 from nanochat.download import Downloader, Job, Terminated, sigterm_as_interrupt
@@ -133,13 +134,6 @@ def finish_split(item: Split, urls: list[str], endpoint: str) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
 def build_parser() -> CliParser:
     parser = CliParser(
         prog="python -m scripts.task_data",
@@ -187,7 +181,7 @@ def build_parser() -> CliParser:
     )
     net.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="connect and read timeout per request, in seconds (default: 60)",
