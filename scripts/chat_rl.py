@@ -348,7 +348,7 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
         lrm = optim.lr_multiplier(step, num_steps, warmup_steps=0, warmdown_frac=1.0, final_frac=0)
         train_loop.set_schedule(optimizer, step, lrm)
         rows, advantages, rewards = rollouts(step)
-        loss = learn(rows, advantages)
+        loss = mean_over_ranks([learn(rows, advantages)])  # what the averaged gradient minimises
         mean_reward = mean_over_ranks(rewards)
         step += 1
         reward_history.append(mean_reward)

@@ -74,6 +74,19 @@ def test_the_command_writes_the_report_section(base_dir):
     assert "wall_seconds" in record
     assert "(" in record["facts"]["ARC-Easy"] and "/8" in record["facts"]["ARC-Easy"]
 
+    # Under torchrun each rank scores every second problem; the summed counts are the same.
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    two = run_cli(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "scripts.chat_eval", "--",
+         *args, "--max-new-tokens", "8"],
+        env={"OMP_NUM_THREADS": "1"}, timeout=120,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    shared = json.loads((base_dir / "report" / "chat-eval-base.json").read_text())
+    assert shared["facts"]["processes"] == 2
+    for key in ("ARC-Easy", "GSM8K"):
+        assert shared["facts"][key].split(",")[0] == record["facts"][key].split(",")[0], key
+
 
 def test_unknown_task_is_one_line_and_exit_2(base_dir):
     result = chat_eval_cli(["-i", "base", "-a", "NotATask", "--tasks", "embedded"])
