@@ -33,7 +33,6 @@ from backends.knobs import CHECKPOINT_SOURCES, KNOBS_BY_NAME, check_raw
 from backends.presets import DEFAULT_PRESET, get_preset
 from backends.stages import (
     REMOTE_CPU_CORES,
-    RESUME_ENV,
     SPEEDRUN_KNOBS,
     TOKENIZER_SHARDS,
     SpeedrunEntry,
@@ -43,7 +42,7 @@ from backends.stages import (
     remote_gpu,
     trains,
 )
-from nanochat.common import BASE_DIR_ENV, DEFAULT_BASE_DIR, UsageError
+from nanochat.common import BASE_DIR_ENV, DEFAULT_BASE_DIR, RESUME_ENV, UsageError
 
 # Knobs that shape how a stage runs rather than becoming one of its flags.
 RUNNER_KNOBS = (

@@ -38,13 +38,12 @@ from backends.pricing import gpu_hours
 from backends.secrets import load_secrets
 from backends.stages import (
     REMOTE_CPU_CORES,
-    RESUME_ENV,
     STAGES,
     STAGES_BY_NAME,
     Stage,
     remote_gpu,
 )
-from nanochat.common import BASE_DIR_ENV
+from nanochat.common import BASE_DIR_ENV, RESUME_ENV
 
 APP_NAME = "nanochat"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +320,8 @@ def orchestrate(
     """Run speedrun steps in order: skip complete ones unless forced, stop at the first
     failure. Each step (backends/modal_backend.py speedrun_steps): {"stage", "label",
     "knobs", "gpu", "done" (marker under BASE_DIR or None), "force" (run even when
-    complete), "env" (added to the stage's command), "background" (start it and go on),
+    complete), "env" (added to the stage's command; NANOCHAT_RESUME=never becomes
+    since:<now>, so a retry resumes the forced attempt), "background" (start it and go on),
     "wait" (join the background calls first)}."""
     base = base or Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
     results: list[dict] = []
@@ -336,7 +336,12 @@ def orchestrate(
         for vol in volumes.values():
             if not modal.is_local():
                 vol.reload()  # see what the previous stage committed
-        knobs = {**step["knobs"], "env": step["env"]} if step.get("env") else step["knobs"]
+        env = dict(step.get("env") or {})
+        if env.get(RESUME_ENV) == "never":
+            # A forced training stage starts over, but Modal's retry of it (a preemption)
+            # must continue what this attempt saved: only checkpoints from now on count.
+            env[RESUME_ENV] = f"since:{time.time():.0f}"
+        knobs = {**step["knobs"], "env": env} if env else step["knobs"]
         if step.get("background"):
             print(f"[nanochat] speedrun: {label} on {step['gpu'] or 'CPU'}, in the background")
             pending.append((step, spawn(stage, knobs, step["gpu"])))

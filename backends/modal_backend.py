@@ -23,8 +23,8 @@ from backends.launch import chat_hint, entry_line
 from backends.presets import PRESETS
 from backends.secrets import describe as describe_secrets
 from backends.secrets import load_secrets
-from backends.stages import RESUME_ENV, remote_gpu
-from nanochat.common import UsageError
+from backends.stages import remote_gpu
+from nanochat.common import RESUME_ENV, UsageError
 
 LOGIN_HELP = (
     "no Modal credentials: run `modal setup` (or `modal token new`), "

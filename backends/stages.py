@@ -322,9 +322,9 @@ SPEEDRUN_KNOBS = ("rl", "force")
 # the entries below run (the seed's speedrun does the same).
 TOKENIZER_SHARDS = 8
 WHILE_DOWNLOADING = ("task-data", "tokenizer", "tokenizer-eval")
-# Training scripts read this as their --resume default: FORCE sets "never" (start over),
+# Training scripts read RESUME_ENV (nanochat.common) as their --resume default: FORCE sets
+# "never" (start over; on Modal "since:<start>", so a retry continues the forced run),
 # Modal's retries "auto" (continue from the latest checkpoint).
-RESUME_ENV = "NANOCHAT_RESUME"
 
 
 def trains(stage: Stage) -> bool:

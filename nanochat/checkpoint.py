@@ -11,6 +11,9 @@ all ranks finished theirs, so its presence means the checkpoint is whole (the Mo
 commits its volume when one appears). ``latest`` walks the metas from the newest and returns
 the first whose files all exist with the recorded size and hash: a checkpoint cut short by a
 kill (or damaged later) is reported in one line and the previous one is used.
+``start_point`` applies a stage's --resume policy; checkpoints a fresh start must not pick up
+(they would be resumed, or loaded by the next stage, instead of the new run's) are moved to
+``<kind>_checkpoints/.replaced/<tag>-<time>/``, never deleted.
 Used by every training stage (pretrain, midtrain, SFT, RL) and by the evals that load models.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ import torch
 from nanochat.common import atomic_path, atomic_write_text, log
 
 META = re.compile(r"^meta_(\d{6})\.json$")
+REPLACED = ".replaced"  # set-aside runs: a hidden folder, so neither resumed nor loaded
 KEEP_LAST = 2  # complete checkpoints kept per run (older ones are deleted after a save)
 
 
@@ -97,6 +102,7 @@ def save(
             **meta,
             "step": step,
             "world_size": world_size,
+            "saved_at": time.time(),
             "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
         }
         atomic_write_text(meta_file(directory, step), json.dumps(record, indent=2) + "\n")
@@ -149,6 +155,46 @@ def latest(directory: Path, check_hash: bool = True) -> Found | None:
         except CheckpointError as exc:
             log(f"checkpoint step {step} in {directory} is not usable: {exc}; trying an older one")
     return None
+
+
+def set_aside(directory: Path) -> Path | None:
+    """Move a tag's folder to ``../.replaced/<tag>-<time>/`` (a rename: nothing is lost);
+    the new location, or None when there was nothing to move."""
+    directory = Path(directory)
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return None
+    root, stamp = directory.parent / REPLACED, time.strftime("%Y%m%d-%H%M%S")
+    target, n = root / f"{directory.name}-{stamp}", 2
+    while target.exists():
+        target, n = root / f"{directory.name}-{stamp}-{n}", n + 1
+    root.mkdir(parents=True, exist_ok=True)
+    directory.rename(target)
+    return target
+
+
+def start_point(
+    directory: Path, policy: str, master: bool = True, barrier: Callable[[], None] = lambda: None
+) -> Found | None:
+    """The checkpoint a training run continues from under its --resume ``policy`` (every
+    rank calls this; rank 0 moves folders, the others wait at ``barrier``):
+
+    - ``auto``: the latest usable checkpoint of the tag, if any;
+    - ``never``: none; the tag's checkpoints are set aside first, so the fresh run's own
+      checkpoints are the only ones there (older, higher-step ones would otherwise be
+      resumed, kept by the pruning, or loaded by the next stage);
+    - ``since:T``: the latest one if it was saved at or after unix time T (this run's own
+      progress, e.g. before a preemption), else as ``never``.
+    """
+    if policy == "auto":
+        return latest(directory)
+    if master:
+        found = latest(directory, check_hash=False) if policy.startswith("since:") else None
+        fresh = found is not None and found.meta.get("saved_at", 0) >= float(policy[6:])
+        moved = None if fresh else set_aside(directory)
+        if moved:
+            log(f"--resume={policy}: moved the earlier checkpoints of {directory} to {moved}")
+    barrier()
+    return None if policy == "never" else latest(directory)
 
 
 def load_model_state(found: Found, device: str | torch.device = "cpu") -> dict:

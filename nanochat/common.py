@@ -79,6 +79,35 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+RESUME_ENV = "NANOCHAT_RESUME"  # the --resume default: FORCE sets it, Modal's retries too
+
+
+def resume_policy(text: str) -> str:
+    """argparse type for --resume: ``auto`` | ``never`` | ``since:<unix seconds>``."""
+    if text in ("auto", "never"):
+        return text
+    kind, _, when = text.partition(":")
+    try:
+        if kind == "since" and float(when) >= 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected auto, never or since:<unix time>, got {text!r}")
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    """The --resume flag every training stage shares (default from NANOCHAT_RESUME)."""
+    parser.add_argument(
+        "--resume",
+        type=resume_policy,
+        default=os.environ.get(RESUME_ENV, "auto"),
+        metavar="{auto,never,since:T}",
+        help="auto: continue from the latest complete checkpoint of this tag (default); "
+        "never: start over, moving this tag's checkpoints aside (nothing is deleted); "
+        "since:T: continue only from a checkpoint saved at or after unix time T",
+    )
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = non_negative_float(text)

@@ -17,7 +17,6 @@ Writes base_checkpoints/<tag>/ and report/pretrain.md (the stage's completion ma
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sys
@@ -25,9 +24,14 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nanochat.common import CliParser, UsageError, base_dir, log, positive_int
-
-RESUME_ENV = "NANOCHAT_RESUME"
+from nanochat.common import (
+    CliParser,
+    UsageError,
+    add_resume_argument,
+    base_dir,
+    log,
+    positive_int,
+)
 
 
 def build_parser() -> CliParser:
@@ -57,12 +61,7 @@ def build_parser() -> CliParser:
     p.add_argument(
         "--stop-at", type=positive_int, help="stop with a checkpoint after this step (time-boxing)"
     )
-    p.add_argument(
-        "--resume",
-        choices=("auto", "never"),
-        default=os.environ.get(RESUME_ENV, "auto"),
-        help="auto: continue from the latest complete checkpoint of this tag (default)",
-    )
+    add_resume_argument(p)
     p.add_argument("--tag", help="checkpoint folder name (default d<depth>)")
     p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
     p.add_argument("--seed", type=int, default=42)
@@ -164,7 +163,7 @@ def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
         "lr_scale": args.lr_scale,
     }
     start_step = 0
-    found = checkpoint.latest(ckpt_dir) if args.resume == "auto" else None
+    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
     if found:
         start_step = resume(found, run_config, model, optimizer, loader, rt)
     bytes_per_token = token_bytes(tokenizer, rt.device)

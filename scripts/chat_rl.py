@@ -23,7 +23,6 @@ and report/rl.md. Under torchrun each rank takes every world-th prompt of a step
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -33,13 +32,13 @@ from pathlib import Path
 from nanochat.common import (
     CliParser,
     UsageError,
+    add_resume_argument,
     base_dir,
     log,
     non_negative_float,
     non_negative_int,
     positive_int,
 )
-from scripts.mid_train import RESUME_ENV
 
 SOURCES = ("sft", "mid", "base")
 
@@ -64,12 +63,7 @@ def build_parser() -> CliParser:
     p.add_argument("--eval-problems", type=positive_int, default=400, help="test problems")
     p.add_argument("--save-every", type=int, default=60, help="checkpoint every N (0 = end)")
     p.add_argument("--stop-at", type=positive_int, help="stop with a checkpoint after this step")
-    p.add_argument(
-        "--resume",
-        choices=("auto", "never"),
-        default=os.environ.get(RESUME_ENV, "auto"),
-        help="auto: continue from the latest complete checkpoint of this tag (default)",
-    )
+    add_resume_argument(p)
     p.add_argument("--tag", help="checkpoint folder (default: the source checkpoint's tag)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
@@ -231,7 +225,7 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
         "seed": args.seed,
     }
     start_step = 0
-    found = checkpoint.latest(ckpt_dir) if args.resume == "auto" else None
+    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
     if found:
         start_step = resume(found, run_config, model, optimizer, order, rt)
     stop = Stop()

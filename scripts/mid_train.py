@@ -19,7 +19,6 @@ marker). ``common_arguments``, ``Stage`` and ``run_stage`` are shared with scrip
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import sys
@@ -27,9 +26,16 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nanochat.common import CliParser, UsageError, base_dir, log, one_line, positive_int
+from nanochat.common import (
+    CliParser,
+    UsageError,
+    add_resume_argument,
+    base_dir,
+    log,
+    one_line,
+    positive_int,
+)
 
-RESUME_ENV = "NANOCHAT_RESUME"
 VAL_FRACTION = 0.05
 MAX_VAL_ITEMS = 500
 
@@ -43,12 +49,7 @@ def common_arguments(p: CliParser, *, eval_every: int, save_every: int) -> None:
     p.add_argument("--eval-batches", type=positive_int, default=20, help="val batches per eval")
     p.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N (0=end)")
     p.add_argument("--stop-at", type=positive_int, help="stop with a checkpoint after this step")
-    p.add_argument(
-        "--resume",
-        choices=("auto", "never"),
-        default=os.environ.get(RESUME_ENV, "auto"),
-        help="auto: continue from the latest complete checkpoint of this tag (default)",
-    )
+    add_resume_argument(p)
     p.add_argument("--tasks", choices=("embedded", "hub"), default="hub", help="task data")
     p.add_argument("--tag", help="checkpoint folder (default: the source checkpoint's tag)")
     p.add_argument("--seed", type=int, default=42)
@@ -277,7 +278,7 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
         "lr_frac": stage.lr_frac,
     }
     start_step = 0
-    found = checkpoint.latest(ckpt_dir) if args.resume == "auto" else None
+    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
     if found:
         start_step = resume(found, run_config, model, optimizer, loader, rt)
         # Not compared by resume (a resumed run does not warm-start): carried over.

@@ -119,3 +119,36 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     assert checkpoint.load_model_state(found)  # whatever is latest loads
     if found.step == 1:
         assert torch.equal(checkpoint.load_model_state(found)["w"], weights(1)["w"])
+
+
+def test_starting_over_sets_the_old_run_aside_and_since_keeps_its_own_progress(tmp_path):
+    """--resume=never: an older run's checkpoints (higher steps) are moved aside, never
+    deleted, so they are neither resumed, nor kept by the pruning over the new ones, nor
+    loaded by the next stage. since:T resumes only what was saved from T on."""
+    run = tmp_path / "sft_checkpoints" / "d4"
+    for step in (400, 500):
+        save_step(run, step)
+    assert checkpoint.start_point(run, "auto").step == 500
+    assert checkpoint.start_point(run, "never") is None
+    assert not run.exists()
+    (aside,) = (tmp_path / "sft_checkpoints" / checkpoint.REPLACED).iterdir()
+    assert checkpoint.steps(aside) == [500, 400]  # all there, untouched
+    save_step(run, 10)  # the new run's first checkpoint
+    assert checkpoint.steps(run) == [10]
+    # A retry of the same forced attempt (since: when it began) continues from step 10 ...
+    began = checkpoint.latest(run).meta["saved_at"] - 1
+    assert checkpoint.start_point(run, f"since:{began:.0f}").step == 10
+    # ... while a forced run that began later sets step 10 aside as well.
+    assert checkpoint.start_point(run, f"since:{time.time() + 60:.0f}") is None
+    assert len(list((tmp_path / "sft_checkpoints" / checkpoint.REPLACED).iterdir())) == 2
+
+
+def test_the_resume_flag_accepts_only_its_three_forms():
+    from nanochat.common import resume_policy
+
+    assert [resume_policy(v) for v in ("auto", "never", "since:1700000000")] == [
+        "auto", "never", "since:1700000000"
+    ]  # fmt: skip
+    for bad in ("sometimes", "since:", "since:-5", "since:x"):
+        with pytest.raises(Exception, match="expected auto, never or since"):
+            resume_policy(bad)

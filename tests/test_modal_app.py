@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import modal
@@ -254,6 +255,17 @@ def test_speedrun_steps_carry_force_env_and_the_background_download(base_dir):
     stage = STAGES_BY_NAME["sft"]
     forced = modal_app.remote_command(stage, {**sft["knobs"], "env": sft["env"]}, base_dir)
     assert forced.env[modal_app.RESUME_ENV] == "never"
+    # The remote loop turns "never" into since:<now>: Modal's retry of the forced attempt
+    # (a preemption) then continues from what that attempt saved instead of starting over.
+    seen = []
+
+    def record(stage, knobs, gpu):
+        seen.append(knobs["env"][modal_app.RESUME_ENV])
+        return {"exit_code": 0, "seconds": 0}
+
+    before = time.time()
+    modal_app.orchestrate([sft], call=record, base=base_dir)
+    assert seen[0].startswith("since:") and float(seen[0][6:]) >= int(before)
     assert modal_app.remote_command(stage, sft["knobs"], base_dir).env["NANOCHAT_RESUME"] == "auto"
     split = modal_backend.speedrun_steps(
         speedrun_plans(backend="modal", preset="speedrun", dry_run=True)
