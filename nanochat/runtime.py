@@ -9,6 +9,7 @@ bfloat16 overrides it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -83,6 +84,9 @@ def stop(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+        # Free leftover collective handles (and the tensors they hold) now, while the
+        # interpreter is whole: gloo finalizing them at exit can abort the process.
+        gc.collect()
 
 
 def all_agree(flag: bool, runtime: Runtime) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -311,8 +310,9 @@ def distributed_worker(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.save(run_training(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    dist.destroy_process_group()
+    from nanochat import runtime
+
+    runtime.stop(runtime.start())  # barrier, destroy, collect: as every stage ends
 
 
 WORKER = """
@@ -323,12 +323,6 @@ distributed_worker({out!r})
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process_and_shard_the_state(tmp_path):
     from conftest import REPO
 
@@ -336,9 +330,9 @@ def test_two_gloo_processes_match_one_process_and_shard_the_state(tmp_path):
     script.write_text(
         textwrap.dedent(WORKER).format(repo=str(REPO), tests=str(REPO / "tests"), out=str(tmp_path))
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
-    argv += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    argv += [str(script)]
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
