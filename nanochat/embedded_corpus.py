@@ -72,18 +72,17 @@ def module_pieces(source: bytes) -> list[str]:
     tree = ast.parse(source)
     pieces: list[tuple[int, str]] = []  # (first line, text), filtered by length already
     docstring_nodes = set()
+    # Lines inside multi-line string literals: a "#" there is text, not a comment.
+    in_string: set[int] = set()
+    # One breadth-first walk: a definition is seen before its docstring's Constant node.
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node, clean=True)
-            if doc is None:
-                continue
-            docstring_nodes.add(id(node.body[0].value))
-            if len(doc) >= MIN_DOCSTRING_CHARS:
-                pieces.append((node.body[0].lineno, doc))
-
-    # Lines inside multi-line string literals: a "#" there is text, not a comment.
-    in_string: set[int] = set()
-    for node in ast.walk(tree):
+            if doc is not None:
+                docstring_nodes.add(id(node.body[0].value))
+                if len(doc) >= MIN_DOCSTRING_CHARS:
+                    pieces.append((node.body[0].lineno, doc))
+            continue
         if isinstance(node, (ast.Constant, ast.JoinedStr)) and node.end_lineno > node.lineno:
             in_string.update(range(node.lineno + 1, node.end_lineno + 1))
         if (
