@@ -7,13 +7,14 @@ assistant tokens (mask 1). About one epoch by default; the LR (base LRs x ``--lr
 ``--init-lr-frac``) decays linearly to 0 over the run. A fresh run warm-starts from the source
 checkpoint's optimizer moments when they fit (``--warm-start``, see scripts.mid_train).
 
-Every ``--chatcore-every`` steps (0 = off) and at the end: val loss aside, ChatCORE over a
-fixed subset -- the first ``--chatcore-problems`` of ARC-Easy, ARC-Challenge, MMLU and GSM8K
-from ``--tasks`` (GSM8K replies greedy, at most ``--chatcore-max-tokens``), scored with
-scripts.chat_eval's functions, problems split over ranks under torchrun -- logged as
-``step N: ChatCORE x (ARC-Easy a, ...)``. The last one lands in report/sft.json as the fact
-"ChatCORE subset" and the metrics ``chatcore_subset`` and ``chatcore_subset/<task>`` (not the
-report card's SFT column, which comes from ``chat-eval-sft``).
+Every ``--chatcore-every`` steps (0 = off) and at the end, besides the val loss and bpb (on
+assistant tokens): ChatCORE over a fixed subset -- the first ``--chatcore-problems`` of
+ARC-Easy, ARC-Challenge, MMLU and GSM8K from ``--tasks`` (GSM8K replies greedy, at most
+``--chatcore-max-tokens``), scored with scripts.chat_eval's functions, problems split over
+ranks under torchrun -- logged as ``step N: ChatCORE x (ARC-Easy a, ...)``. The last one lands
+in report/sft.json as the fact "ChatCORE subset" and the metrics ``chatcore_subset`` and
+``chatcore_subset/<task>`` (not the report card's SFT column, which comes from
+``chat-eval-sft``).
 
 Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train. Writes
 sft_checkpoints/<tag>/ and report/sft.md.

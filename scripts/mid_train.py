@@ -11,6 +11,8 @@ loads the source checkpoint's optimizer state -- Muon momentum buffers, Adam mom
 counts, each rank its own shard -- when it fits (written by as many processes, the same
 parameter groups and shapes), then sets this stage's LRs; otherwise one log line says why and
 the optimizer starts fresh. The outcome is in run_config["warm_start"] and the report.
+Every ``--eval-every`` steps and at the end: the held-out conversations' loss per target token
+and bits per byte (special tokens' bytes count neither way, as in pretraining's val bpb).
 Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train: a
 ``--stop-at``, a kill or a preemption followed by the same command gives the same model as an
 uninterrupted run. Writes mid_checkpoints/<tag>/ and report/midtrain.md (the stage's completion
@@ -19,6 +21,7 @@ marker). ``common_arguments``, ``Stage`` and ``run_stage`` are shared with scrip
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 import sys
@@ -45,7 +48,7 @@ def common_arguments(p: CliParser, *, eval_every: int, save_every: int) -> None:
     p.add_argument("--device-batch", type=positive_int, default=32, help="rows per micro-step")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply every base LR")
     p.add_argument("--num-steps", type=positive_int, help="steps (default: one epoch)")
-    p.add_argument("--eval-every", type=int, default=eval_every, help="val loss every N (0=end)")
+    p.add_argument("--eval-every", type=int, default=eval_every, help="val eval every N (0=end)")
     p.add_argument("--eval-batches", type=positive_int, default=20, help="val batches per eval")
     p.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N (0=end)")
     p.add_argument("--stop-at", type=positive_int, help="stop with a checkpoint after this step")
@@ -223,6 +226,7 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
     import torch
 
     from nanochat import checkpoint, gpt, optim, train_loop
+    from nanochat.loss_eval import token_bytes
     from nanochat.report import write_section
     from scripts.base_train import Stop, resume, runtime_stop, save, start_wandb
 
@@ -306,21 +310,30 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
             f"{rt.dtype} on {rt.device.type}, from step {start_step}"
         )
 
-    def val_loss() -> float:
+    bytes_per_token = token_bytes(tokenizer, rt.device)
+
+    def val_metrics() -> tuple[float, float]:
+        """(loss per target token, bits per byte) over --eval-batches held-out batches; the
+        bytes of special tokens count neither way (as in pretraining's val bpb)."""
         val = _loader(stage, val_task, tokenizer, args, rt)
         model.eval()
-        total = torch.zeros((), device=rt.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
         with torch.no_grad(), rt.autocast():
             for _ in range(args.eval_batches):
                 inputs, targets = val.next_batch()
-                total += forward(inputs, targets).float()
+                nats = forward(inputs, targets, loss_reduction="none").double().reshape(-1)
+                flat = targets.reshape(-1)
+                nbytes = torch.where(flat >= 0, bytes_per_token[flat.clamp(min=0)], 0)
+                sums += torch.stack(
+                    [nats.sum(), (flat >= 0).sum(), (nats * (nbytes > 0)).sum(), nbytes.sum()]
+                ).double()
         model.train()
         if rt.distributed:
             import torch.distributed as dist
 
-            dist.all_reduce(total)
-            total /= rt.world_size
-        return total.item() / args.eval_batches
+            dist.all_reduce(sums)
+        nats_all, tokens, nats_text, text_bytes = sums.tolist()
+        return nats_all / max(tokens, 1), nats_text / (math.log(2) * max(text_bytes, 1))
 
     extra = stage.extra_eval
     extra_facts: dict = {}
@@ -342,14 +355,14 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
         train_loop.keep_log_until(log_path, start_step)
     history: list[float] = []
     step_times: list[float] = []
-    vloss = None
+    vloss = vbpb = None
     started = time.monotonic()
     step = start_step
     while step < num_steps:
         if args.eval_every and step % args.eval_every == 0 and step > start_step:
-            vloss = val_loss()
+            vloss, vbpb = val_metrics()
             if rt.master:
-                log(f"step {step}: val loss {vloss:.4f}")
+                log(f"step {step}: val loss {vloss:.4f}, val bpb {vbpb:.4f}")
         if extra and extra.every and step % extra.every == 0 and step > 0:
             run_extra(step)
         t0 = time.monotonic()
@@ -384,12 +397,12 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
         )
         if code is not None:
             return code
-    vloss = val_loss()
+    vloss, vbpb = val_metrics()
     if extra and extra.every:
         run_extra(step)
     seconds = time.monotonic() - started
     if rt.master:
-        log(f"done: val loss {vloss:.4f} after {seconds / 60:.1f} min")
+        log(f"done: val loss {vloss:.4f}, val bpb {vbpb:.4f} after {seconds / 60:.1f} min")
         write_section(
             base,
             stage.name,
@@ -403,11 +416,12 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
                 "processes": rt.world_size,
                 "wall time (this run)": f"{seconds / 60:.1f} min",
                 "final val loss": f"{vloss:.4f}",
+                "final val bpb": f"{vbpb:.4f}",
                 "first / last loss": f"{history[0]:.4f} / {history[-1]:.4f}" if history else "n/a",
                 "warm start": run_config["warm_start"],
                 **extra_facts,
             },
-            metrics={"val_loss": vloss, **extra_metrics},
+            metrics={"val_loss": vloss, "val_bpb": vbpb, **extra_metrics},
             wall_seconds=seconds,
         )
     return 0

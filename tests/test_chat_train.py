@@ -117,6 +117,7 @@ def test_midtrain_then_sft_write_checkpoints_and_reports(based):
     assert "step 2: ChatCORE " in sft.stderr and "step 3: ChatCORE " in sft.stderr
     record = json.loads((based / "report" / "sft.json").read_text())
     metrics = record["metrics"]
+    assert metrics["val_loss"] > 0 and metrics["val_bpb"] > 0  # SFT: assistant tokens only
     assert -3.0 <= metrics["chatcore_subset"] <= 1.0  # centered: chance is 0
     names = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K")
     assert all(0.0 <= metrics[f"chatcore_subset/{name}"] <= 1.0 for name in names)
