@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "smoke",
-            "tiny at the fewest steps that still run every stage (~2 min on 2 cores): a "
+            "tiny at the fewest steps that still run every stage (~1 min on 2 cores): a "
             "first check of a machine or backend; the tests run it",
             TINY_KNOBS,
             extends="tiny",
