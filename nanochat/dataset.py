@@ -39,13 +39,16 @@ from nanochat.common import (
     CliParser,
     base_dir,
     log,
-    non_negative_float,
     one_line,
-    positive_float,
     positive_int,
 )
 from nanochat.custom_data import InputError, convert_folder
-from nanochat.download import Downloader, Terminated, sigterm_as_interrupt
+from nanochat.download import (
+    Downloader,
+    Terminated,
+    add_network_arguments,
+    sigterm_as_interrupt,
+)
 from nanochat.shards import FolderBusy, building, folder_complete, folder_lock
 
 # ----------------------------------------------------------------------------- datasets
@@ -167,36 +170,7 @@ def build_parser() -> CliParser:
         help="characters per shard when converting a --source folder (default: 250000000, "
         "about 100 MB of parquet)",
     )
-    net = parser.add_argument_group("network")
-    net.add_argument(
-        "--workers",
-        metavar="N",
-        type=positive_int,
-        default=8,
-        help="parallel downloads (threads) (default: 8)",
-    )
-    net.add_argument(
-        "--retries",
-        metavar="N",
-        type=positive_int,
-        default=5,
-        help="attempts per shard, the first included; 1 = no retry (default: 5)",
-    )
-    net.add_argument(
-        "--retry-delay",
-        type=non_negative_float,
-        default=2.0,
-        metavar="SECONDS",
-        help="backoff base in seconds: attempt k waits about SECONDS * 2^(k-1), plus up to "
-        "25%% jitter, at most 60 s (default: 2.0)",
-    )
-    net.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="connect and read timeout per request, in seconds (default: 60)",
-    )
+    add_network_arguments(parser, "shard")
     return parser
 
 

@@ -344,3 +344,41 @@ def sigterm_as_interrupt():
         raise Terminated
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def add_network_arguments(parser, unit: str) -> None:
+    """The "network" flags of every command that downloads with this module (``unit``:
+    what one request fetches, for the help text): --workers, --retries, --retry-delay and
+    --timeout, matching ``Downloader``'s keyword arguments."""
+    from nanochat.common import non_negative_float, positive_float, positive_int
+
+    net = parser.add_argument_group("network")
+    net.add_argument(
+        "--workers",
+        metavar="N",
+        type=positive_int,
+        default=8,
+        help="parallel downloads (threads) (default: 8)",
+    )
+    net.add_argument(
+        "--retries",
+        metavar="N",
+        type=positive_int,
+        default=5,
+        help=f"attempts per {unit}, the first included; 1 = no retry (default: 5)",
+    )
+    net.add_argument(
+        "--retry-delay",
+        type=non_negative_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="backoff base in seconds: attempt k waits about SECONDS * 2^(k-1), plus up to "
+        "25%% jitter, at most 60 s (default: 2.0)",
+    )
+    net.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="connect and read timeout per request, in seconds (default: 60)",
+    )

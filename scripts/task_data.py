@@ -37,11 +37,14 @@ from nanochat.common import (
     atomic_write_text,
     base_dir,
     log,
-    non_negative_float,
-    positive_float,
-    positive_int,
 )
-from nanochat.download import Downloader, Job, Terminated, sigterm_as_interrupt
+from nanochat.download import (
+    Downloader,
+    Job,
+    Terminated,
+    add_network_arguments,
+    sigterm_as_interrupt,
+)
 from nanochat.shards import FolderBusy, folder_lock
 from nanochat.tasks.hub import SOURCES, HubSource, task_data_dir, verify_file
 
@@ -161,31 +164,7 @@ def build_parser() -> CliParser:
         help="hub address, or a mirror serving the same API (default: $HF_ENDPOINT, "
         f"else {DEFAULT_ENDPOINT})",
     )
-    net = parser.add_argument_group("network")
-    net.add_argument(
-        "--workers", metavar="N", type=positive_int, default=8, help="parallel downloads (8)"
-    )
-    net.add_argument(
-        "--retries",
-        metavar="N",
-        type=positive_int,
-        default=5,
-        help="attempts per request, the first included; 1 = no retry (default: 5)",
-    )
-    net.add_argument(
-        "--retry-delay",
-        type=non_negative_float,
-        default=2.0,
-        metavar="SECONDS",
-        help="backoff base: attempt k waits about SECONDS * 2^(k-1), at most 60 s (default: 2)",
-    )
-    net.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="connect and read timeout per request, in seconds (default: 60)",
-    )
+    add_network_arguments(parser, "file")
     return parser
 
 
