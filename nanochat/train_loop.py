@@ -1,19 +1,22 @@
 """The pieces every training stage shares: one optimizer step with gradient accumulation,
-and the per-step JSONL log that resumes cleanly.
+the per-step JSONL log that resumes cleanly, and the end of a step (checkpoint when due,
+stop cleanly on SIGTERM/SIGINT or --stop-at).
 
 Pretraining (scripts.base_train), midtraining and SFT (scripts.mid_train, scripts.chat_sft)
-differ in their data, schedules and evals, not in how a step is taken or logged, so both
-live here once. The step log (logs/<stage>-<tag>.jsonl) feeds the report card's plots.
+and RL (scripts.chat_rl) differ in their data, schedules and evals, not in how a step is
+taken, logged or ended, so those live here once. The step log (logs/<stage>-<tag>.jsonl)
+feeds the report card's plots.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import torch
 
-from nanochat import optim
+from nanochat import optim, runtime
 from nanochat.common import atomic_write_text, log
 
 
@@ -56,18 +59,34 @@ def keep_log_until(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def end_of_step(
-    step, num_steps, save_every, stop_at, signum: int, stopping: bool, save
-) -> int | None:
-    """Checkpoint when due (every ``save_every``, at the end, or when stopping) and say
-    whether the run stops here: the exit code (128+N for signal N, 0 for --stop-at), or
-    None to go on. ``stopping`` is the ranks' agreed stop flag; ``save()`` writes."""
-    stop_here = stopping or step == stop_at
-    if stop_here or (save_every and step % save_every == 0) or step == num_steps:
+class Stop:
+    """Remembers a SIGTERM/SIGINT so the loop can save and exit at a step boundary; a second
+    signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note)
+
+    def _note(self, signum, _frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"signal {signum}: saving a checkpoint at the end of this step, then stopping")
+
+
+def end_of_step(step: int, num_steps: int, args, stop: Stop, rt, save) -> int | None:
+    """Checkpoint when due (every ``args.save_every``, at the end, or when stopping) and say
+    whether the run stops here: the exit code (128+N for signal N, 0 for ``args.stop_at``),
+    or None to go on. Every rank calls it: a signal seen by any rank stops them all at this
+    step. ``save()`` writes the checkpoint."""
+    stopping = runtime.all_agree(bool(stop.signum), rt)
+    stop_here = stopping or step == args.stop_at
+    if stop_here or (args.save_every and step % args.save_every == 0) or step == num_steps:
         save()
-    if stop_here and signum:
-        log(f"stopped at step {step} by signal {signum}; resume with the same command")
-        return 128 + signum
+    if stop_here and stop.signum:
+        log(f"stopped at step {step} by signal {stop.signum}; resume with the same command")
+        return 128 + stop.signum
     if stop_here:
         log(f"stopped at step {step} (--stop-at); run the same command to continue")
         return 0

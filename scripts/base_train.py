@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import sys
 import time
 from functools import partial
@@ -71,21 +70,6 @@ def build_parser() -> CliParser:
 
 
 # --- the run ------------------------------------------------------------------------------
-
-
-class Stop:
-    """Remembers a SIGTERM/SIGINT so the loop can save and exit at a step boundary."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._note)
-
-    def _note(self, signum, _frame):
-        if self.signum:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        log(f"signal {signum}: saving a checkpoint at the end of this step, then stopping")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +161,7 @@ def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
     forward = model
     if args.compile == "on" or (args.compile == "auto" and rt.device.type == "cuda"):
         forward = torch.compile(model)
-    stop = Stop()
+    stop = train_loop.Stop()
     if rt.master:
         for line in the_dial.describe():
             log(line)
@@ -260,15 +244,10 @@ def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
                 wandb_run.log(
                     {"loss": loss_value, "lrm": lrm, "tokens_per_s": tokens_per_s}, step=step
                 )
-        code = train_loop.end_of_step(
-            step,
-            num_steps,
-            args.save_every,
-            args.stop_at,
-            stop.signum,
-            runtime_stop(stop, rt),
-            partial(save, ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb),
+        save_now = partial(
+            save, ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb
         )
+        code = train_loop.end_of_step(step, num_steps, args, stop, rt, save_now)
         if code is not None:
             return code
     if bar is not None:
@@ -393,12 +372,6 @@ def explain(argv: list[str], processes: int, base: Path) -> list[str]:
     except UsageError as exc:
         return [f"warning: {exc}"]
     return [*the_dial.describe(), f"vocab {vocab:,} {source}"]
-
-
-def runtime_stop(stop: Stop, rt) -> bool:
-    from nanochat import runtime
-
-    return runtime.all_agree(bool(stop.signum), rt)
 
 
 def save(ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb) -> None:

@@ -193,7 +193,7 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
     from nanochat import checkpoint, gpt, optim, train_loop
     from nanochat.engine import Engine
     from nanochat.report import write_section
-    from scripts.base_train import Stop, resume, runtime_stop, save, start_wandb
+    from scripts.base_train import resume, save, start_wandb
 
     wandb_run = start_wandb(args, rt)  # a missing wandb is bad input: before any work
     torch.manual_seed(args.seed)
@@ -228,7 +228,7 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
     found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
     if found:
         start_step = resume(found, run_config, model, optimizer, order, rt)
-    stop = Stop()
+    stop = train_loop.Stop()
     sample = dict(temperature=args.temperature, top_k=args.top_k or None)
     if rt.master:
         log(
@@ -361,15 +361,10 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
             )
         if args.eval_every and step % args.eval_every == 0 and step < num_steps:
             results = evaluate(step)
-        code = train_loop.end_of_step(
-            step,
-            num_steps,
-            args.save_every,
-            args.stop_at,
-            stop.signum,
-            runtime_stop(stop, rt),
-            partial(save, ckpt_dir, step, run_config, config, model, optimizer, order, rt, None),
+        save_now = partial(
+            save, ckpt_dir, step, run_config, config, model, optimizer, order, rt, None
         )
+        code = train_loop.end_of_step(step, num_steps, args, stop, rt, save_now)
         if code is not None:
             return code
     results = evaluate(step)

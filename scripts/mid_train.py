@@ -228,7 +228,7 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
     from nanochat import checkpoint, gpt, optim, train_loop
     from nanochat.loss_eval import token_bytes
     from nanochat.report import write_section
-    from scripts.base_train import Stop, resume, runtime_stop, save, start_wandb
+    from scripts.base_train import resume, save, start_wandb
 
     wandb_run = start_wandb(args, rt)  # a missing wandb is bad input: before any work
     torch.manual_seed(args.seed)
@@ -302,7 +302,7 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
     forward = model
     if args.compile == "on" or (args.compile == "auto" and rt.device.type == "cuda"):
         forward = torch.compile(model)
-    stop = Stop()
+    stop = train_loop.Stop()
     if rt.master:
         log(
             f"{stage.name} from {run_config['init_from']}: {len(train_task):,} conversations, "
@@ -386,15 +386,10 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
                 f"{dt * 1000:.0f} ms | epoch {loader.epoch} | eta {eta / 60:.1f} min",
                 flush=True,
             )
-        code = train_loop.end_of_step(
-            step,
-            num_steps,
-            args.save_every,
-            args.stop_at,
-            stop.signum,
-            runtime_stop(stop, rt),
-            partial(save, ckpt_dir, step, run_config, config, model, optimizer, loader, rt, None),
+        save_now = partial(
+            save, ckpt_dir, step, run_config, config, model, optimizer, loader, rt, None
         )
+        code = train_loop.end_of_step(step, num_steps, args, stop, rt, save_now)
         if code is not None:
             return code
     vloss, vbpb = val_metrics()
