@@ -34,6 +34,18 @@ def die(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def run_main(main) -> None:
+    """A stage script's entry point: exit with ``main()``'s code; a UsageError (bad input)
+    becomes one ``error:`` line on stderr (from rank 0 only under torchrun) and exit 2."""
+    try:
+        code = main()
+    except UsageError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
+
+
 def stamp(message: str) -> str:
     """``[HH:MM:SS] message``: the prefix of every progress line."""
     return f"[{time.strftime('%H:%M:%S')}] {message}"

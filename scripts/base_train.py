@@ -30,6 +30,7 @@ from nanochat.common import (
     base_dir,
     log,
     positive_int,
+    run_main,
 )
 
 
@@ -437,8 +438,4 @@ def resume(found, run_config, model, optimizer, loader, rt) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

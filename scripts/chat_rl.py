@@ -24,7 +24,6 @@ and report/rl.md. Under torchrun each rank takes every world-th prompt of a step
 from __future__ import annotations
 
 import random
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -38,6 +37,7 @@ from nanochat.common import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    run_main,
 )
 
 SOURCES = ("sft", "mid", "base")
@@ -399,8 +399,4 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -22,9 +22,14 @@ sft_checkpoints/<tag>/ and report/sft.md.
 
 from __future__ import annotations
 
-import sys
-
-from nanochat.common import CliParser, UsageError, base_dir, non_negative_int, positive_int
+from nanochat.common import (
+    CliParser,
+    UsageError,
+    base_dir,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from scripts.mid_train import Stage, common_arguments, run_stage, split_val
 
 
@@ -135,8 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

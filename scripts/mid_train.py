@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import pickle
 import random
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,7 @@ from nanochat.common import (
     log,
     one_line,
     positive_int,
+    run_main,
 )
 
 VAL_FRACTION = 0.05
@@ -423,8 +423,4 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
