@@ -151,3 +151,21 @@ def test_no_sft_checkpoint_is_one_line_and_exit_2(base_dir):
     assert result.stderr.strip().splitlines() == [
         "error: no sft checkpoint: run make sft first (or --source base|mid)"
     ]
+
+
+def test_bad_input_is_refused_before_any_work(memorised, handlers):
+    """Missing hub data and a reply cap that leaves no room for a prompt: UsageError (one
+    line, exit 2 through run_main), and nothing written."""
+    from nanochat.common import UsageError
+
+    empty = memorised / "elsewhere"
+    (empty / "sft_checkpoints").mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(empty))
+        missing = r"gsm8k \(train\): no parquet files .*make task-data.*--tasks=embedded"
+        with pytest.raises(UsageError, match=missing):
+            chat_rl.main(["--tasks=hub"])
+    with pytest.raises(UsageError, match="--max-new-tokens 64 leaves no room for a prompt"):
+        chat_rl.main(["--tasks=hub", "--max-new-tokens=64"])
+    assert not (memorised / "rl_checkpoints").exists()
+    assert not (memorised / "report" / "rl.md").exists()
