@@ -46,7 +46,7 @@ FLAGS = $(strip $(foreach spec,$(KNOB_SPECS),$(call knob_flag,$(spec))))
 # The venv's bin/ first, so `python` and `torchrun` in stage commands are the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup test browser lint bench bench-engine lock speedrun docker-build docker-shell volume-ls volume-get \
+.PHONY: help setup test browser docker-engine lint bench bench-engine lock speedrun docker-build docker-shell volume-ls volume-get \
 	$(STAGES)
 
 help:
@@ -85,7 +85,7 @@ volume-get: $(call stamp_for,modal)
 lock: $(FULL_STAMP)
 	@$(VENV)/bin/invoke lock
 
-test: $(STAMP) browser
+test: $(STAMP) browser docker-engine
 	@$(VENV)/bin/invoke test $(if $(ARGS),--args=$(call quote,$(ARGS)))
 
 # The web page is tested in a real browser: Debian's chromium, installed when missing
@@ -98,6 +98,19 @@ browser:
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium \
 	      >/dev/null || echo "[nanochat] could not install chromium: the browser test will say so"; \
 	  else echo "[nanochat] no apt-get: install Chromium to run the browser test"; fi; }
+
+# BACKEND=docker is tested with a real engine: Debian's docker.io (the test starts dockerd
+# when none runs) and debootstrap (for a local stand-in of the CUDA base image), installed
+# when missing, like chromium. Elsewhere the docker test says why it did not run.
+docker-engine:
+	@{ command -v dockerd >/dev/null 2>&1 || docker info >/dev/null 2>&1; } \
+	  && command -v debootstrap >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "[nanochat] installing Debian's docker.io and debootstrap for the docker test (once)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends \
+	      docker.io debootstrap >/dev/null || echo "[nanochat] could not install them: the docker test will say so"; \
+	  else echo "[nanochat] no apt-get: install Docker and debootstrap to run the docker test"; fi; }
 
 lint: $(STAMP)
 	@$(VENV)/bin/invoke lint

@@ -7,10 +7,16 @@ the Dockerfile sets NANOCHAT_BASE_DIR to), so artifacts land in the same layout 
 run, owned by the caller (the container runs as the caller's uid:gid).
 
 Image: tagged ``nanochat:<12 hex>``, a hash of every file the build context holds (what
-``.dockerignore`` leaves in), so unchanged inputs never rebuild and any source, Dockerfile,
-pyproject.toml or uv.lock change gives a new tag. A missing tag is built with the docker CLI
-under BuildKit (the Python SDK only drives the legacy builder); containers are then created,
-streamed and stopped with the SDK.
+``.dockerignore`` leaves in) and of the build arguments, so unchanged inputs never rebuild
+and any source, Dockerfile, pyproject.toml or uv.lock change gives a new tag. A missing tag
+is built with the docker CLI under BuildKit (the Python SDK only drives the legacy builder),
+or with the classic builder where the CLI has no buildx plugin (the Dockerfile needs no
+BuildKit feature; the log says which). NANOCHAT_DOCKER_BUILD_ARGS passes build arguments,
+e.g. ``BASE_IMAGE=<a mirror of the CUDA image>``. Containers are then created, streamed and
+stopped with the SDK, with the GPUs CUDA_VISIBLE_DEVICES names (all of them when unset).
+
+An interactive stage (chat-cli without ``-p``) runs as ``docker run -it`` from a terminal;
+without one it stops before anything starts and says how to give it a prompt.
 
 Signals: the container is not in our process group, so Ctrl-C / SIGTERM sent to us are
 forwarded: the first one stops the container (SIGTERM to tini, which hands it to torchrun and
@@ -44,19 +50,24 @@ from backends.local import REPO_ROOT
 from backends.secrets import SECRET_NAMES, load_secrets
 from backends.secrets import describe as describe_secrets
 from nanochat.common import BASE_DIR_ENV, CliParser, UsageError, one_line
+from nanochat.gpus import visible_ids
 
 IMAGE_NAME = "nanochat"
 DOCKERFILE = "docker/Dockerfile"  # relative to the repository root (the build context)
 WORKDIR = "/app"  # the image's WORKDIR: the source and its .venv
 SHM_SIZE = "16g"  # DataLoader workers and NCCL share memory through /dev/shm
 # NVIDIA's advice for PyTorch containers: unlimited locked memory, a 64 MiB stack.
-ULIMITS = (("memlock", -1, -1), ("stack", 67108864, 67108864))
+# Locked memory only beside GPUs (pinned buffers, NCCL): an engine whose own limit is lower
+# (rootless, or a sandboxed daemon) refuses to start a container that asks for more.
+ULIMITS = (("stack", 67108864, 67108864),)
+GPU_ULIMITS = (("memlock", -1, -1), *ULIMITS)
 CONTAINER_HOME = "/tmp"  # the caller's uid has no home in the image; caches go here
 CONTAINER_USER = "nanochat"
 STOP_TIMEOUT_S = 30  # between SIGTERM and SIGKILL when a run is stopped
 STAGE_LABEL = "nanochat.stage"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 NO_SDK = "BACKEND=docker needs the docker package: make setup EXTRAS=docker"
+BUILD_ARGS_ENV = "NANOCHAT_DOCKER_BUILD_ARGS"  # "KEY=VALUE KEY2='a b'" for docker build
 
 
 class ImageBuildError(UsageError):
@@ -163,22 +174,9 @@ def is_ignored(relpath: str, rules: Iterable[tuple[bool, tuple[str, ...]]]) -> b
 
 
 def _candidate_files(repo_root: Path, rules: list[tuple[bool, tuple[str, ...]]]) -> list[str]:
-    """Every file the context could hold: git's view (tracked + untracked, not git-ignored)
-    in a checkout, else every file under the root (not entering ignored folders when no
-    ``!`` exception could bring something inside them back)."""
-    if (repo_root / ".git").exists():
-        try:
-            listed = subprocess.run(
-                ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-                cwd=repo_root,
-                capture_output=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.SubprocessError):
-            listed = None
-        if listed is not None and listed.returncode == 0:
-            names = listed.stdout.decode("utf-8", "surrogateescape").split("\0")
-            return sorted({name for name in names if name})
+    """Every file under the root, as the engine sees the context: git's ignore rules play no
+    part (the context is what ``.dockerignore`` leaves in, so the tag must be too). Ignored
+    folders are not entered when no ``!`` exception could bring something inside back."""
     prune = not any(exception for exception, _ in rules)
     found = []
     for folder, dirs, files in os.walk(repo_root):
@@ -197,9 +195,29 @@ def build_inputs(repo_root: Path = REPO_ROOT) -> list[str]:
     return [name for name in _candidate_files(repo_root, rules) if not is_ignored(name, rules)]
 
 
-def image_tag(repo_root: Path = REPO_ROOT) -> str:
-    """``nanochat:<12 hex>``: sha256 over each build input's path, kind and bytes."""
+def build_args() -> dict[str, str]:
+    """The build arguments NANOCHAT_DOCKER_BUILD_ARGS names (shell words of KEY=VALUE)."""
+    raw = os.environ.get(BUILD_ARGS_ENV, "")
+    try:
+        words = shlex.split(raw)
+    except ValueError as exc:
+        raise UsageError(f"{BUILD_ARGS_ENV} cannot be split like a shell line: {exc}") from None
+    found = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{BUILD_ARGS_ENV} takes KEY=VALUE words, got {word!r}")
+        found[key] = value
+    return found
+
+
+def image_tag(repo_root: Path = REPO_ROOT, args: Mapping[str, str] | None = None) -> str:
+    """``nanochat:<12 hex>``: sha256 over each build input's path, kind and bytes, and the
+    build arguments (another base image is another image)."""
     digest = hashlib.sha256()
+    args = build_args() if args is None else args
+    for key in sorted(args):
+        digest.update(f"arg\0{key}\0{args[key]}\0".encode())
     for name in build_inputs(repo_root):
         path = repo_root / name
         try:
@@ -221,9 +239,13 @@ def image_tag(repo_root: Path = REPO_ROOT) -> str:
 # --- building -----------------------------------------------------------------------------
 
 
-def build_argv(tag: str, repo_root: Path = REPO_ROOT) -> list[str]:
-    """The build command, run from the repository root with DOCKER_BUILDKIT=1."""
-    return ["docker", "build", "-f", DOCKERFILE, "-t", tag, str(repo_root)]
+def build_argv(
+    tag: str, repo_root: Path = REPO_ROOT, args: Mapping[str, str] | None = None
+) -> list[str]:
+    """The build command, run from the repository root with DOCKER_BUILDKIT set."""
+    args = build_args() if args is None else args
+    arg_flags = [flag for key in sorted(args) for flag in ("--build-arg", f"{key}={args[key]}")]
+    return ["docker", "build", "-f", DOCKERFILE, *arg_flags, "-t", tag, str(repo_root)]
 
 
 def ensure_image(client, tag: str, repo_root: Path = REPO_ROOT) -> bool:
@@ -234,13 +256,16 @@ def ensure_image(client, tag: str, repo_root: Path = REPO_ROOT) -> bool:
         return False
     except docker.errors.ImageNotFound:
         pass
+    buildkit = _has_buildx()
+    builder = "BuildKit" if buildkit else "the classic builder (no buildx plugin here)"
     print(
-        f"[nanochat] docker: building image {tag} from {DOCKERFILE} (the first build takes a "
-        "while: CUDA base image + torch, ~10-20 min; later ones reuse the cached layers)",
+        f"[nanochat] docker: building image {tag} from {DOCKERFILE} with {builder} (the "
+        "first build takes a while: CUDA base image + torch, ~10-20 min; later ones reuse "
+        "the cached layers)",
         file=sys.stderr,
         flush=True,
     )
-    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    env = {**os.environ, "DOCKER_BUILDKIT": "1" if buildkit else "0"}
     try:
         code = subprocess.run(build_argv(tag, repo_root), cwd=repo_root, env=env).returncode
     except FileNotFoundError:
@@ -248,10 +273,7 @@ def ensure_image(client, tag: str, repo_root: Path = REPO_ROOT) -> bool:
             "building the image needs the docker CLI on PATH (the SDK only runs containers)"
         ) from None
     if code:
-        hint = "" if _has_buildx() else "; BuildKit needs the buildx plugin: install it"
-        raise ImageBuildError(
-            f"docker build of {tag} failed with exit code {code} (output above){hint}"
-        )
+        raise ImageBuildError(f"docker build of {tag} failed with exit code {code} (output above)")
     return True
 
 
@@ -276,7 +298,13 @@ def _spec(
     label: str,
 ) -> dict:
     docker = _sdk()
-    devices = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else []
+    devices = []
+    if gpus:  # the GPUs CUDA_VISIBLE_DEVICES names (what the process count was made for)
+        ids = visible_ids()
+        if ids is None:
+            devices = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        else:
+            devices = [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
     return {
         "image": tag,
         "command": argv,
@@ -287,7 +315,10 @@ def _spec(
         "working_dir": WORKDIR,
         "user": f"{os.getuid()}:{os.getgid()}",
         "init": True,
-        "ulimits": [docker.types.Ulimit(name=n, soft=s, hard=h) for n, s, h in ULIMITS],
+        "ulimits": [
+            docker.types.Ulimit(name=n, soft=s, hard=h)
+            for n, s, h in (GPU_ULIMITS if gpus else ULIMITS)
+        ],
         "labels": {STAGE_LABEL: label},
         "name": f"{IMAGE_NAME}-{label}-{uuid.uuid4().hex[:8]}",
         "stdin_open": False,
@@ -321,8 +352,9 @@ def cli_argv(spec: Mapping, interactive: bool = False) -> list[str]:
     argv = ["docker", "run", "--rm"]
     if spec.get("init"):
         argv.append("--init")
-    if spec.get("device_requests"):
-        argv += ["--gpus", "all"]
+    for request in spec.get("device_requests", ()):
+        ids = request.get("DeviceIDs")
+        argv += ["--gpus", f'"device={",".join(ids)}"' if ids else "all"]
     argv += ["--shm-size", spec["shm_size"]]
     for host, mount in spec["volumes"].items():
         argv += ["-v", f"{host}:{mount['bind']}:{mount['mode']}"]
@@ -346,7 +378,8 @@ def describe(plan: Plan) -> str:
     tag = image_tag()
     spec = container_spec(plan, tag, local.visible_gpus() > 0, load_secrets())
     build = "DOCKER_BUILDKIT=1 " + shlex.join(build_argv(tag))
-    return f"# image {tag} is built first when missing: {build}\n{shlex.join(cli_argv(spec))}"
+    run = shlex.join(cli_argv(spec, interactive=plan.stage.reads_keyboard(plan.command.argv)))
+    return f"# image {tag} is built first when missing: {build}\n{run}"
 
 
 def _quietly(action: Callable[[], object]) -> None:
@@ -432,8 +465,30 @@ def run_container(client, spec: dict) -> int:
     return code
 
 
+def _at_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _run_interactive(spec: dict, secrets: Mapping[str, str]) -> int:
+    """``docker run -it`` (the SDK cannot drive a terminal well): the terminal sends Ctrl-C
+    to the program inside; this process just waits."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        argv = cli_argv(spec, interactive=True)
+        return subprocess.run(argv, env={**os.environ, **secrets}).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def execute(plan: Plan, client=None) -> int:
     """Run a planned stage in a container of the image (built first when missing)."""
+    keyboard = plan.stage.reads_keyboard(plan.command.argv)
+    if keyboard and not _at_terminal():
+        flag = plan.stage.prompt_flags[0]
+        raise UsageError(
+            f"{plan.stage.name} reads your keyboard and this is no terminal: run it from "
+            f"one (it runs as docker run -it), or give it a prompt: ARGS='{flag} \"Hello\"'"
+        )
     own_client = client is None
     client = client or connect()
     tag = image_tag()
@@ -448,6 +503,8 @@ def execute(plan: Plan, client=None) -> int:
     # Made here, so it is ours: the engine would create a missing bind source as root.
     plan.base_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if keyboard:
+            return _run_interactive(spec, secrets)
         return run_container(client, spec)
     finally:
         if own_client:
@@ -488,14 +545,7 @@ def shell(base_dir: Path) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # The terminal sends Ctrl-C to the shell inside; this process just waits.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return subprocess.run(
-            cli_argv(spec, interactive=True), env={**os.environ, **secrets}
-        ).returncode
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return _run_interactive(spec, secrets)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ from backends import command, local, stages
 from backends.knobs import CHECKPOINT_SOURCES, KNOBS_BY_NAME, check_raw
 from backends.presets import DEFAULT_PRESET, get_preset
 from backends.stages import (
-    REMOTE_CPU_CORES,
     SPEEDRUN_KNOBS,
     TOKENIZER_SHARDS,
     SpeedrunEntry,
@@ -40,6 +39,8 @@ from backends.stages import (
     get_stage,
     gpu_count,
     remote_gpu,
+    remote_resources,
+    remote_threads,
     trains,
 )
 from nanochat.common import BASE_DIR_ENV, DEFAULT_BASE_DIR, RESUME_ENV, UsageError
@@ -174,9 +175,10 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
         # The remote container decides its own threads and reads its GPU count at run time;
         # here we show what the requested GPUs imply.
         where = f"are in the remote container (GPU={knobs.get('gpu') or gpu_string})"
-        nproc = process_count(stage, gpus, gpu_count(gpu_string), True, REMOTE_CPU_CORES, where)
+        cores = remote_resources(stage, gpu_string)[0]
+        nproc = process_count(stage, gpus, gpu_count(gpu_string), True, cores, where)
         run_dir = CONTAINER_BASE_DIR
-        threads = 1 if gpu_string else max(1, REMOTE_CPU_CORES // nproc)
+        threads = remote_threads(stage, gpu_string, nproc)
     else:
         check_writable(base_dir)
         visible = local.visible_gpus()

@@ -16,7 +16,6 @@ A third signal kills the child outright: it had two chances to exit cleanly.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,29 +23,15 @@ from pathlib import Path
 
 from backends.command import StageCommand
 from backends.secrets import load_secrets
+from nanochat import gpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def visible_gpus() -> int:
-    """How many NVIDIA GPUs this process may use, without importing torch.
-
-    CUDA_VISIBLE_DEVICES narrows what nvidia-smi lists; no nvidia-smi means no GPU.
-    """
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if mask is not None:
-        ids = [d for d in mask.split(",") if d.strip()]
-        if not ids or ids[0].strip() == "-1":
-            return 0
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return 0
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    return min(count, len(ids)) if mask is not None else count
+    """How many NVIDIA GPUs this process may use, without importing torch
+    (``nanochat.gpus``: nvidia-smi, narrowed by CUDA_VISIBLE_DEVICES)."""
+    return gpus.visible_gpus()
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

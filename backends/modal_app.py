@@ -34,14 +34,18 @@ import modal
 
 from backends import command, local
 from backends.launch import report_table
+from backends.modal_backend import WEB_IDLE_S, WEB_KNOBS_ENV
 from backends.pricing import gpu_hours
-from backends.secrets import load_secrets
+from backends.secrets import API_KEY_NAME, load_secrets
 from backends.stages import (
     REMOTE_CPU_CORES,
+    REMOTE_CPU_MEMORY_GB,
     STAGES,
     STAGES_BY_NAME,
     Stage,
     remote_gpu,
+    remote_resources,
+    remote_threads,
 )
 from nanochat.common import BASE_DIR_ENV, RESUME_ENV
 
@@ -64,7 +68,6 @@ VOLUMES: dict[str, tuple[str, ...]] = {
 }
 CHECKPOINT_VOLUME = "nanochat-checkpoints"
 MODAL_SECRET_ENV = "NANOCHAT_MODAL_SECRET"  # optional name of a Modal secret to attach too
-WEB_KNOBS_ENV = "NANOCHAT_WEB_KNOBS"  # chat-web's knobs (JSON), fixed when the app is built
 COMMIT_POLL_S = 30.0
 USAGE_ERROR = 2  # a stage's bad-input exit code: retrying cannot help
 
@@ -81,11 +84,16 @@ def volume_of(entry: str) -> str:
     raise KeyError(entry)
 
 
+def resource_options(stage: Stage, gpu: str | None) -> dict[str, object]:
+    """Modal's gpu, cpu and memory (MiB) for ``stage`` on ``gpu`` (stages.remote_resources)."""
+    cores, memory_gb = remote_resources(stage, gpu)
+    return {"gpu": gpu, "cpu": float(cores), "memory": memory_gb * 1024}
+
+
 def stage_options(stage: Stage) -> dict[str, object]:
     """The Modal options of a stage's function, straight from the stage table."""
-    gpu = remote_gpu(stage, None)
-    options: dict[str, object] = {
-        "gpu": gpu,
+    return {
+        **resource_options(stage, remote_gpu(stage, None)),
         "timeout": int(stage.timeout_h * 3600),
         "retries": (
             modal.Retries(max_retries=stage.retries, initial_delay=10.0, backoff_coefficient=2.0)
@@ -93,21 +101,37 @@ def stage_options(stage: Stage) -> dict[str, object]:
             else 0
         ),
     }
-    if gpu is None:
-        options["cpu"] = float(REMOTE_CPU_CORES)
-    return options
 
 
-def _secrets() -> list[modal.Secret]:
-    """WANDB_API_KEY / HF_TOKEN from the environment or .env, and a named Modal secret when
-    NANOCHAT_MODAL_SECRET names one. Both optional: training runs without them."""
-    found: list[modal.Secret] = []
-    values = load_secrets()
-    if values:
-        found.append(modal.Secret.from_dict(values))
-    if os.environ.get(MODAL_SECRET_ENV):
-        found.append(modal.Secret.from_name(os.environ[MODAL_SECRET_ENV]))
+def in_container() -> bool:
+    """True when Modal's container imports this module (it sets MODAL_IS_REMOTE=1)."""
+    return os.environ.get("MODAL_IS_REMOTE") == "1"
+
+
+def function_secrets() -> list[modal.Secret]:
+    """The secrets every function declares, the same list on the laptop and in the container.
+
+    Modal hydrates a function's dependencies by position, so the container's import must
+    declare as many as the laptop's did, or it dies with "Function has N dependencies but
+    container got M object ids". The container has no .env and none of the laptop's
+    variables, so nothing may depend on them there. Hence always exactly one dict secret
+    (WANDB_API_KEY, HF_TOKEN, NANOCHAT_API_KEY, HF_ENDPOINT from the environment or .env,
+    possibly none) which also carries NANOCHAT_MODAL_SECRET, then the named secret when
+    that names one. In the container the dict secret's variables are already set, so the
+    same NANOCHAT_MODAL_SECRET decides the same list; its values come from Modal by id."""
+    values = dict_secret_values()
+    found = [modal.Secret.from_dict(values)]
+    if values[MODAL_SECRET_ENV]:
+        found.append(modal.Secret.from_name(values[MODAL_SECRET_ENV]))
     return found
+
+
+def dict_secret_values() -> dict[str, str]:
+    """What the dict secret holds, i.e. what Modal injects into every container: the
+    secrets this side sees (none in the container, where only the ids matter) and the
+    name of the named secret ("" for none)."""
+    values = {} if in_container() else load_secrets()
+    return {**values, MODAL_SECRET_ENV: os.environ.get(MODAL_SECRET_ENV, "")}
 
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
@@ -115,7 +139,7 @@ CONTEXT_DIR = REPO_ROOT  # Modal's default is the current directory: never rely 
 image = modal.Image.from_dockerfile(str(DOCKERFILE), context_dir=str(CONTEXT_DIR))
 volumes = {name: modal.Volume.from_name(name, create_if_missing=True) for name in VOLUMES}
 VOLUME_MOUNTS = {f"{VOLUME_ROOT}/{name}": vol for name, vol in volumes.items()}
-SECRETS = _secrets()
+SECRETS = function_secrets()
 # include_source=False: the code comes from the image (COPY . .), one copy only.
 app = modal.App(APP_NAME, image=image, volumes=VOLUME_MOUNTS, include_source=False)
 
@@ -188,15 +212,15 @@ class CheckpointCommitter(threading.Thread):
 
 def remote_command(stage: Stage, knobs: dict, base: Path) -> command.StageCommand:
     """The stage's command as built here, in the container: processes = GPUS or every GPU
-    this container has (read at run time), threads shared out like the local backend.
+    this container has (read at run time), threads from the container's requested size,
+    as the dry run computed them (knobs["env"] carries the launcher's OMP_NUM_THREADS).
     Training stages resume (NANOCHAT_RESUME=auto) unless knobs["env"] says otherwise (a
-    forced speedrun entry starts over: "never")."""
+    forced speedrun entry starts over: "since:<start>")."""
     visible = local.visible_gpus()
     nproc = 1
     if stage.multiprocess:
         nproc = int(knobs["gpus"]) if knobs.get("gpus") else max(visible, 1)
-    cores = os.cpu_count() or 1
-    threads = 1 if visible else max(1, cores // nproc)
+    threads = remote_threads(stage, remote_gpu(stage, knobs.get("gpu")), nproc)
     cmd = command.build(stage, str(knobs.get("preset") or "tiny"), knobs, nproc, base, threads)
     cmd.env.update({str(k): str(v) for k, v in (knobs.get("env") or {}).items()})
     if stage.retries:
@@ -257,7 +281,12 @@ STAGE_FUNCTIONS = {stage.name: _register_stage_function(stage) for stage in STAG
 globals().update({function_name(name): fn for name, fn in STAGE_FUNCTIONS.items()})
 
 
-@app.function(secrets=SECRETS, cpu=float(REMOTE_CPU_CORES), timeout=24 * 3600)
+@app.function(
+    secrets=SECRETS,
+    cpu=float(REMOTE_CPU_CORES),
+    memory=REMOTE_CPU_MEMORY_GB * 1024,
+    timeout=24 * 3600,
+)
 def stage_on_cpu(stage_name: str, knobs: dict) -> dict:
     """Any stage in a CPU-only container (GPU=cpu, e.g. the tiny preset's remote smoke test):
     Modal cannot take the GPU away from a function that was declared with one."""
@@ -270,7 +299,7 @@ def function_for(stage: Stage, gpu: str | None):
         return stage_on_cpu, True
     fn = STAGE_FUNCTIONS[stage.name]
     if gpu != remote_gpu(stage, None):
-        fn = fn.with_options(gpu=gpu)
+        fn = fn.with_options(**resource_options(stage, gpu))
     return fn, False
 
 
@@ -279,14 +308,20 @@ def _bound(stage: Stage, knobs: dict, gpu: str | None):
     fn, on_cpu = function_for(stage, gpu)
     if on_cpu:
         options = stage_options(stage)
-        fn = fn.with_options(timeout=options["timeout"], retries=options["retries"])
+        fn = fn.with_options(
+            timeout=options["timeout"],
+            retries=options["retries"],
+            **{k: v for k, v in resource_options(stage, None).items() if k != "gpu"},
+        )
         return fn, (stage.name, knobs)
     return fn, (knobs,)
 
 
 def call_stage(stage: Stage, knobs: dict, gpu: str | None) -> dict:
-    fn, args = _bound(stage, knobs, gpu)
-    return fn.remote(*args)
+    """Run the stage and wait for its result. ``spawn().get()``, not ``.remote()``: a
+    ``.remote()`` call's result expires after 24 h, shorter than a long stage with retries;
+    a spawned call's result stays for days."""
+    return spawn_stage(stage, knobs, gpu).get()
 
 
 def spawn_stage(stage: Stage, knobs: dict, gpu: str | None):
@@ -377,18 +412,122 @@ def orchestrate(
     return results
 
 
-@app.function(secrets=SECRETS, cpu=1.0, timeout=24 * 3600, retries=2)
+# ---- one speedrun at a time ------------------------------------------------------------
+
+LOCK_DICT = "nanochat-locks"  # a modal.Dict beside the volumes
+LOCK_KEY = "speedrun"
+LEASE_S = 600.0  # a lease not renewed for this long belongs to a dead orchestrator
+RENEW_S = 60.0
+
+
+class SpeedrunBusy(RuntimeError):
+    """Another orchestrator holds the lease on these volumes."""
+
+
+def lease_holder(store, now: float | None = None) -> dict | None:
+    """The live lease on the volumes ({"owner", "since", "expires"}), or None."""
+    held = store.get(LOCK_KEY)
+    now = time.time() if now is None else now
+    return held if held and float(held.get("expires", 0)) > now else None
+
+
+class SpeedrunLease:
+    """A lease in a ``modal.Dict`` (``store``): one speedrun orchestrator per set of volumes.
+
+    Taken with Dict.put(skip_if_exists=True), which the server applies atomically; a lease
+    whose holder stopped renewing it (a crash, ``modal app stop``) is stale after LEASE_S
+    and may be taken over. The owner is the function call id, which Modal keeps when it
+    retries the same call: a retried orchestrator takes its own lease back."""
+
+    def __init__(self, store, owner: str, clock=time.time, lease_s: float = LEASE_S):
+        self.store, self.owner, self.clock, self.lease_s = store, owner, clock, lease_s
+        self.since = clock()
+        self.stopped = threading.Event()
+
+    def _record(self) -> dict:
+        return {"owner": self.owner, "since": self.since, "expires": self.clock() + self.lease_s}
+
+    def acquire(self) -> None:
+        if self.store.put(LOCK_KEY, self._record(), skip_if_exists=True):
+            return
+        held = lease_holder(self.store, self.clock())
+        if held and held.get("owner") != self.owner:
+            raise SpeedrunBusy(busy_message(held, self.clock()))
+        self.store.put(LOCK_KEY, self._record())  # stale, or ours from before a retry
+        if self.store.get(LOCK_KEY, {}).get("owner") != self.owner:  # lost a takeover race
+            raise SpeedrunBusy(busy_message(self.store.get(LOCK_KEY), self.clock()))
+
+    def renew(self) -> None:
+        held = self.store.get(LOCK_KEY)
+        if held and held.get("owner") != self.owner:
+            raise SpeedrunBusy("the speedrun lease was taken over: " + busy_message(held))
+        self.store.put(LOCK_KEY, self._record())
+
+    def keep_renewing(self, every_s: float = RENEW_S) -> threading.Thread:
+        def loop() -> None:
+            while not self.stopped.wait(every_s):
+                try:
+                    self.renew()
+                except Exception as exc:  # a hiccup of the Dict service: try again later
+                    print(f"[nanochat] speedrun: could not renew the lease: {exc}")
+
+        thread = threading.Thread(target=loop, daemon=True, name="speedrun-lease")
+        thread.start()
+        return thread
+
+    def release(self) -> None:
+        self.stopped.set()
+        held = self.store.get(LOCK_KEY)
+        if held and held.get("owner") == self.owner:
+            self.store.pop(LOCK_KEY, None)
+
+
+def busy_message(held: dict | None, now: float | None = None) -> str:
+    held = held or {}
+    minutes = ((time.time() if now is None else now) - float(held.get("since", 0))) / 60
+    return (
+        f"another speedrun is running on these volumes (call {held.get('owner')}, started "
+        f"{minutes:.0f} min ago): wait for it, or stop its app (`modal app list`, then "
+        f"`modal app stop <id>`); its lease lapses {LEASE_S / 60:.0f} min after it dies"
+    )
+
+
+def lock_store():
+    """The Dict that holds the lease (created on first use, like the volumes)."""
+    return modal.Dict.from_name(LOCK_DICT, create_if_missing=True)
+
+
+# Non-preemptible (a CPU function may be): a preempted orchestrator would be restarted and
+# re-run its loop while the stage it had started keeps going.
+@app.function(
+    secrets=SECRETS, cpu=1.0, memory=1024, timeout=24 * 3600, retries=2, nonpreemptible=True
+)
 def speedrun_remote(steps: list[dict]) -> dict:
     """The speedrun's loop, inside Modal: a detached run keeps going without the laptop;
-    when this orchestrator is restarted it skips the stages already complete. Returns
-    {"results": one dict per step run or skipped, "table": the report card's summary}."""
-    base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
-    link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
-    results = orchestrate(steps, base=base)
-    if not modal.is_local():
-        for vol in volumes.values():
-            vol.reload()  # the report stage's commit
-    return {"results": results, "table": report_table(base)}
+    when this orchestrator is restarted it skips the stages already complete. Holds the
+    volumes' lease while it runs (one speedrun at a time). Returns {"results": one dict per
+    step run or skipped, "table": the report card's summary} or {"error": why not}."""
+    owner = modal.current_function_call_id() or f"local-{os.getpid()}"
+    return run_orchestrator(steps, SpeedrunLease(lock_store(), owner))
+
+
+def run_orchestrator(steps: list[dict], lease: SpeedrunLease, **orchestrate_options) -> dict:
+    try:
+        lease.acquire()
+    except SpeedrunBusy as exc:
+        print(f"[nanochat] speedrun: {exc}")
+        return {"results": [], "error": str(exc)}
+    lease.keep_renewing()
+    try:
+        base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
+        link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
+        results = orchestrate(steps, base=base, **orchestrate_options)
+        if not modal.is_local():
+            for vol in volumes.values():
+                vol.reload()  # the report stage's commit
+        return {"results": results, "table": report_table(base)}
+    finally:
+        lease.release()
 
 
 # ---- the web UI --------------------------------------------------------------------------
@@ -404,19 +543,39 @@ def web_command(knobs: dict, base: Path) -> command.StageCommand:
     return command.build(CHAT_WEB, str(knobs.get("preset") or "tiny"), knobs, 1, base, 1)
 
 
+def _secret(name: str) -> str | None:
+    """A secret's value as this side sees it: the container's environment (Modal injected
+    the dict secret there), the laptop's environment or .env."""
+    return os.environ.get(name) if in_container() else load_secrets().get(name)
+
+
+# chat-web's knobs, fixed when the app is built: the launcher sets them before importing
+# this module, and the function's env carries them into the container, so both sides
+# declare the same GPU and auth.
+WEB_KNOBS = json.loads(os.environ.get(WEB_KNOBS_ENV) or "{}")
+WEB_GPU = remote_gpu(CHAT_WEB, WEB_KNOBS.get("gpu"))
+WEB_KEYED = bool(_secret(API_KEY_NAME))
+
+
 @app.function(
     secrets=SECRETS,
-    gpu=remote_gpu(CHAT_WEB, None),
+    **resource_options(CHAT_WEB, WEB_GPU),
     timeout=int(CHAT_WEB.timeout_h * 3600),
-    env={WEB_KNOBS_ENV: os.environ.get(WEB_KNOBS_ENV, "{}")},
+    env={WEB_KNOBS_ENV: json.dumps(WEB_KNOBS)},
+    # One container serves every request (the server queues them): a bounded bill. It stays
+    # up WEB_IDLE_S after the last request, so a pause in a chat does not reload the model.
+    max_containers=1,
+    scaledown_window=WEB_IDLE_S,
 )
 @modal.concurrent(max_inputs=64)
-# Loading a model takes far longer than web_server's default 5 s.
-@modal.web_server(WEB_PORT, startup_timeout=600)
+# Loading a model takes far longer than web_server's default 5 s. Without NANOCHAT_API_KEY
+# (which the server then checks itself) Modal's proxy lets in only requests that carry a
+# proxy auth token: the URL is never open to anyone.
+@modal.web_server(WEB_PORT, startup_timeout=600, requires_proxy_auth=not WEB_KEYED)
 def chat_web() -> None:
     base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
     link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
-    cmd = web_command(json.loads(os.environ.get(WEB_KNOBS_ENV) or "{}"), base)
+    cmd = web_command(WEB_KNOBS, base)
     print(f"[nanochat] modal: serving {cmd.shell()}")
     subprocess.Popen(cmd.argv, env=local.child_env(cmd.env), cwd=REPO_ROOT)
 
@@ -433,7 +592,7 @@ def describe_functions() -> list[str]:
         )
     lines.append(f"{'stage_on_cpu':<22} gpu=none (any stage with GPU=cpu)")
     lines.append(f"{'speedrun_remote':<22} gpu=none (runs the stages in order)")
-    lines.append(f"{'chat_web':<22} gpu={remote_gpu(CHAT_WEB, None)} web server on :{WEB_PORT}")
+    lines.append(f"{'chat_web':<22} gpu={WEB_GPU or 'none'} web server on :{WEB_PORT}")
     return lines
 
 

@@ -19,11 +19,12 @@ import sys
 import time
 
 from backends import pricing
+from backends.command import script_args
 from backends.launch import chat_hint, entry_line
 from backends.presets import PRESETS
+from backends.secrets import API_KEY_NAME, load_secrets
 from backends.secrets import describe as describe_secrets
-from backends.secrets import load_secrets
-from backends.stages import remote_gpu
+from backends.stages import STAGES_BY_NAME, remote_gpu, remote_resources
 from nanochat.common import RESUME_ENV, UsageError
 
 LOGIN_HELP = (
@@ -33,6 +34,13 @@ LOGIN_HELP = (
 # What describe() says about the remote layout; backends/modal_app.py holds the real table
 # (kept import-free here so a dry run needs no modal package).
 VOLUME_NAMES = ("nanochat-data", "nanochat-checkpoints")
+WEB_KNOBS_ENV = "NANOCHAT_WEB_KNOBS"  # chat-web's knobs (JSON), fixed when the app is built
+WEB_IDLE_S = 600  # chat-web's container stays up this long after the last request
+PROXY_AUTH_HELP = (
+    "Modal proxy auth: requests need the headers Modal-Key and Modal-Secret (a proxy auth "
+    "token, made at modal.com/settings/proxy-auth-tokens); set NANOCHAT_API_KEY to use a "
+    "key of your own instead (then open the page as <url>/?key=<key>)"
+)
 
 
 def check_ready() -> None:
@@ -47,10 +55,16 @@ def check_ready() -> None:
         raise UsageError(LOGIN_HELP)
 
 
+# What the planned command's environment carries to the container: the thread count the dry
+# run printed (the container computes the same; a value exported here wins, as locally).
+CARRIED_ENV = ("OMP_NUM_THREADS",)
+
+
 def payload(plan) -> dict:
     """The knobs the remote side needs (plain JSON), preset included."""
     knobs = {k: v for k, v in plan.knobs.items() if k not in ("base_dir", "dry_run", "detach")}
     knobs["preset"] = plan.preset
+    knobs["env"] = {k: v for k, v in plan.command.env.items() if k in CARRIED_ENV}
     return json.loads(json.dumps(knobs))
 
 
@@ -58,36 +72,68 @@ def estimate(plan) -> pricing.Estimate:
     reference = pricing.REFERENCE_GPU.get(plan.preset)
     ref_gpu = None if reference in (None, "cpu") else reference
     ref = remote_gpu(plan.stage, ref_gpu) if ref_gpu else None
-    return pricing.estimate(plan.stage, plan.preset, plan.remote_gpu, ref)
+    argv = script_args(plan.stage, plan.preset, plan.knobs)
+    return pricing.estimate(plan.stage, plan.preset, plan.remote_gpu, ref, argv)
 
 
 def function_label(plan) -> str:
     stage = plan.stage
+    if stage.web_port:
+        return stage.name.replace("-", "_")
     if plan.remote_gpu is None and stage.hardware != "cpu":
         return "stage_on_cpu"
     return "stage_" + stage.name.replace("-", "_")
+
+
+def container_line(plan) -> str:
+    """``GPU H100:8, 64 cores, 256 GiB`` or ``no GPU (CPU container), 16 cores, 64 GiB``."""
+    cores, memory = remote_resources(plan.stage, plan.remote_gpu)
+    gpu = f"GPU {plan.remote_gpu}" if plan.remote_gpu else "no GPU (CPU container)"
+    return f"{gpu}, {cores} cores, {memory} GiB"
+
+
+def web_auth_line(secrets: dict) -> str:
+    if secrets.get(API_KEY_NAME):
+        return f"auth: {API_KEY_NAME} (Authorization: Bearer <key>; the page as /?key=<key>)"
+    return "auth: " + PROXY_AUTH_HELP
+
+
+def check_interactive(plan) -> None:
+    """A Modal function cannot read this terminal: a REPL stage needs its prompt flag."""
+    stage = plan.stage
+    if stage.reads_keyboard(plan.command.argv):
+        raise UsageError(
+            f"{stage.name} on Modal cannot read your keyboard: give it a prompt "
+            f"(ARGS='{stage.prompt_flags[0]} \"Hello\"'), or chat in the browser with "
+            "make chat-web BACKEND=modal"
+        )
 
 
 def describe(plan) -> str:
     """What a dry run prints: the function, its resources, the estimate, then the command
     that runs inside the container (the local backend's command, built for Modal)."""
     stage = plan.stage
-    gpu = plan.remote_gpu or "none (CPU container)"
     lines = [
-        f"# modal: app nanochat, function {function_label(plan)}: GPU {gpu}, "
+        f"# modal: app nanochat, function {function_label(plan)}: {container_line(plan)}, "
         f"timeout {stage.timeout_h:g} h, retries {stage.retries}",
         f"# modal: volumes {' + '.join(VOLUME_NAMES)} as BASE_DIR "
         f"{plan.command.env.get('NANOCHAT_BASE_DIR')}; {describe_secrets(load_secrets())}",
         f"# estimate: {estimate(plan).line()}",
-        plan.command.shell(),
     ]
+    if stage.web_port:
+        lines.append(
+            f"# modal: a web endpoint (port {stage.web_port} behind Modal's HTTPS URL), one "
+            f"container, kept {WEB_IDLE_S // 60} min after the last request; "
+            f"{web_auth_line(load_secrets())}"
+        )
+    lines.append(plan.command.shell())
     return "\n".join(lines)
 
 
 def _print_result(result: dict, gpu: str | None) -> None:
     seconds = result.get("seconds", 0)
     hours = pricing.gpu_hours(gpu, seconds)
-    cost = seconds / 3600 * pricing.hourly_cost(gpu)
+    cost = seconds / 3600 * pricing.hourly_cost(gpu, STAGES_BY_NAME[result["stage"]])
     print(
         f"[nanochat] modal: {result['stage']} exited {result['exit_code']} after "
         f"{seconds / 60:.1f} min; {hours:.2f} GPU-hours (~${cost:.2f})",
@@ -107,8 +153,9 @@ def _follow_hint(app) -> None:
 def execute(plan) -> int:
     import modal
 
-    if plan.stage.name == "chat-web":
+    if plan.stage.web_port:
         return serve_web(plan)
+    check_interactive(plan)
     from backends import modal_app
 
     knobs = payload(plan)
@@ -145,7 +192,7 @@ def speedrun_steps(plans) -> list[dict]:
             "gpu": p.remote_gpu,
             "done": p.done_path,
             "force": p.force,
-            "env": {k: v for k, v in p.command.env.items() if k == RESUME_ENV},
+            "env": {k: v for k, v in p.command.env.items() if k in (RESUME_ENV, *CARRIED_ENV)},
             "background": p.background,
             "wait": p.wait,
         }
@@ -176,6 +223,11 @@ def run_speedrun(plans) -> int:
 
     steps = speedrun_steps(plans)
     fetch = "make volume-get PATH=report/report.md DEST=."
+    # Before the app starts: a second speedrun on the same volumes would train into the
+    # same checkpoints (the orchestrator checks again, atomically, when it starts).
+    held = modal_app.lease_holder(modal_app.lock_store())
+    if held:
+        raise UsageError(modal_app.busy_message(held))
     with modal.enable_output(), modal_app.app.run(detach=plans[0].detach):
         _follow_hint(modal_app.app)
         if plans[0].detach:
@@ -187,7 +239,10 @@ def run_speedrun(plans) -> int:
                 file=sys.stderr,
             )
             return 0
-        outcome = modal_app.speedrun_remote.remote(steps)
+        # spawn().get(), not .remote(): the result of a .remote() call expires after 24 h.
+        outcome = modal_app.speedrun_remote.spawn(steps).get()
+    if outcome.get("error"):
+        raise UsageError(outcome["error"])
     results = outcome["results"]
     for result in results:
         if not result.get("skipped"):
@@ -207,14 +262,25 @@ def run_speedrun(plans) -> int:
 
 def serve_web(plan) -> int:
     """chat-web on Modal: an ephemeral web endpoint (like `modal serve`) until Ctrl-C."""
+    import importlib
+
     import modal
 
-    os.environ["NANOCHAT_WEB_KNOBS"] = json.dumps(payload(plan))
+    # The app reads these when it is imported: the web function's GPU and auth follow them.
+    os.environ[WEB_KNOBS_ENV] = json.dumps(payload(plan))
     from backends import modal_app
 
+    if modal_app.WEB_KNOBS != payload(plan):  # imported earlier in this process
+        modal_app = importlib.reload(modal_app)
+    print(f"# estimate: {estimate(plan).line()} per hour up", file=sys.stderr)
     with modal.enable_output(), modal_app.app.run(detach=plan.detach):
         url = modal_app.chat_web.get_web_url()
-        print(f"[nanochat] modal: chat UI at {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        print(
+            f"[nanochat] modal: chat UI at {url} on {container_line(plan)}; "
+            f"{web_auth_line(load_secrets())}. Ctrl-C stops it.",
+            file=sys.stderr,
+            flush=True,
+        )
         if plan.detach:
             return 0
         try:

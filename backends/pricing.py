@@ -1,17 +1,26 @@
-"""Rough cost of a remote run, printed before it starts, and GPU-hours after each stage.
+"""Cost of a remote run, printed before it starts, and GPU-hours after each stage.
 
-Two tables, kept here and nowhere else: Modal's on-demand list prices (USD per GPU-hour, and
-per CPU core-hour; modal.com/pricing, checked 2026-11, change them here when they move) with
-a rough relative training speed per GPU type, and the expected wall hours of each stage per
-preset on that preset's reference GPUs. Another GPU type or count scales the GPU stages'
-hours by throughput (assumed linear in GPU count: optimistic past one node).
+The tables, kept here and nowhere else: Modal's on-demand list prices (USD per GPU-hour,
+per CPU core-hour and per GiB-hour of memory; modal.com/pricing, checked 2026-11, change
+them here when they move), a rough relative training speed per GPU type, the training
+throughput we measured (docs/benchmarks.md), and rough wall hours for the other stages.
+
+Pretraining is derived, not guessed: the tokens the preset's command will train (the depth
+dial, ``scripts.base_train.planned``: depth, ratio, batch) divided by the tokens/s its GPUs
+give, which come from the measured throughput at the nearest measured depth scaled by
+FLOPs per token (the same MFU), times 1.17 with fp8 (DESIGN B.4), the GPU type's relative
+speed and the GPU count (linear: optimistic past one node), plus TRAINING_OVERHEAD for the
+evaluations and checkpoints during training. Other stages and CPU runs use EXPECTED_HOURS,
+scaled by throughput for multi-GPU stages on other GPUs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.stages import REMOTE_CPU_CORES, Stage, gpu_count
+from backends.stages import Stage, gpu_count, remote_resources
+from nanochat import dial
+from nanochat.common import UsageError
 
 # USD per GPU-hour, and bf16 training speed relative to one H100 (rough, for estimates only).
 GPU_PRICE = {
@@ -41,10 +50,18 @@ RELATIVE_SPEED = {
     "T4": 0.05,
 }
 CPU_CORE_PRICE = 0.047  # USD per physical core-hour
+MEMORY_PRICE = 0.008  # USD per GiB-hour
 
-# Expected wall hours per stage on the preset's reference GPUs (its GPU knob; the seed's
-# A100-80GB:4 when it names none). speedrun: the published d20 run (~4 h on 8xH100, DESIGN
-# B.9); gpt2: d24 at ratio 8 (1.65 h pretraining with fp8); quick: the seed's d12 quick test.
+# Measured: tokens/s of one H100 80GB (bf16, torch.compile, context 2048, vocab 32,768),
+# scripts.bench_train, docs/benchmarks.md (2026-11-24).
+MEASURED_H100_TOKENS_PER_S = {12: 483_914, 20: 143_048}
+MEASURED_VOCAB, MEASURED_SEQ = 32768, 2048
+FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26 on H100 (DESIGN B.4)
+TRAINING_OVERHEAD = 1.1  # val bpb / CORE / samples during training, checkpoints, start-up
+
+# Rough wall hours per stage on the preset's reference GPUs (its GPU knob; the seed's
+# A100-80GB:4 when it names none), for what is not derived: every stage but pretraining on
+# GPUs. tiny: measured on 2 CPU cores (docs/benchmarks.md).
 REFERENCE_GPU = {"tiny": "cpu", "quick": "A100-80GB:4", "speedrun": "H100:8", "gpt2": "H100:8"}
 EXPECTED_HOURS: dict[str, dict[str, float]] = {
     "tiny": {
@@ -65,7 +82,6 @@ EXPECTED_HOURS: dict[str, dict[str, float]] = {
         "task-data": 0.1,
         "tokenizer": 0.5,
         "tokenizer-eval": 0.05,
-        "pretrain": 0.5,
         "base-eval": 0.25,
         "midtrain": 0.25,
         "sft": 0.25,
@@ -78,7 +94,6 @@ EXPECTED_HOURS: dict[str, dict[str, float]] = {
         "task-data": 0.1,
         "tokenizer": 0.3,
         "tokenizer-eval": 0.05,
-        "pretrain": 3.0,
         "base-eval": 0.25,
         "midtrain": 0.2,
         "sft": 0.15,
@@ -91,7 +106,6 @@ EXPECTED_HOURS: dict[str, dict[str, float]] = {
         "task-data": 0.1,
         "tokenizer": 0.3,
         "tokenizer-eval": 0.05,
-        "pretrain": 1.9,
         "base-eval": 0.3,
         "midtrain": 0.25,
         "sft": 0.2,
@@ -108,10 +122,13 @@ class Estimate:
     gpu: str | None  # Modal GPU string; None = CPU
     hours: float
     cost: float
+    cores: int
+    derived: str = ""  # how the hours were derived, when they were
 
     def line(self) -> str:
-        where = f"{self.gpu}" if self.gpu else f"CPU x{REMOTE_CPU_CORES}"
-        return f"{self.stage}: {where}, ~{self.hours:.2f} h, ~${self.cost:.2f}"
+        where = f"{self.gpu}" if self.gpu else f"CPU x{self.cores}"
+        how = f" ({self.derived})" if self.derived else ""
+        return f"{self.stage}: {where}, ~{self.hours:.2f} h, ~${self.cost:.2f}{how}"
 
 
 def _throughput(spec: str | None) -> float:
@@ -121,22 +138,67 @@ def _throughput(spec: str | None) -> float:
     return RELATIVE_SPEED.get(kind, 0.5) * gpu_count(spec)
 
 
-def hourly_cost(gpu: str | None) -> float:
-    """USD per wall hour for a Modal GPU string (None = a CPU container)."""
-    if gpu is None:
-        return REMOTE_CPU_CORES * CPU_CORE_PRICE
-    kind = gpu.partition(":")[0]
-    return GPU_PRICE.get(kind, max(GPU_PRICE.values())) * gpu_count(gpu)
+def hourly_cost(gpu: str | None, stage: Stage) -> float:
+    """USD per wall hour of ``stage``'s container on ``gpu`` (None = a CPU container): the
+    GPUs, and the cores and memory it requests (Modal bills them on top)."""
+    cores, memory_gb = remote_resources(stage, gpu)
+    gpus = 0.0
+    if gpu is not None:
+        kind = gpu.partition(":")[0]
+        gpus = GPU_PRICE.get(kind, max(GPU_PRICE.values())) * gpu_count(gpu)
+    return gpus + cores * CPU_CORE_PRICE + memory_gb * MEMORY_PRICE
 
 
-def estimate(stage: Stage, preset: str, gpu: str | None, reference_gpu: str | None) -> Estimate:
-    """Hours and cost of one stage on ``gpu``, scaled from the preset's reference GPUs."""
-    hours = EXPECTED_HOURS.get(preset, EXPECTED_HOURS["speedrun"]).get(stage.name, 0.25)
+def h100_tokens_per_s(depth: int, vocab: int, seq_len: int) -> float:
+    """One H100's training tokens/s at this size: the measured MFU of the nearest measured
+    depth, applied to this size's FLOPs per token."""
+    nearest = min(MEASURED_H100_TOKENS_PER_S, key=lambda d: abs(d - depth))
+    measured_flops = MEASURED_H100_TOKENS_PER_S[nearest] * dial.flops_per_token(
+        nearest, MEASURED_VOCAB, MEASURED_SEQ
+    )
+    return measured_flops / dial.flops_per_token(depth, vocab, seq_len)
+
+
+def pretrain_hours(argv: list[str], gpu: str) -> tuple[float, str]:
+    """Hours of the pretraining command ``argv`` (its script flags) on ``gpu``, and how."""
+    from scripts.base_train import planned
+
+    count = gpu_count(gpu)
+    the_dial = planned(argv, count, dial.DEFAULT_VOCAB)
+    fp8 = "--fp8" in argv
+    speed = h100_tokens_per_s(the_dial.depth, the_dial.vocab_size, the_dial.seq_len)
+    speed *= (FP8_SPEEDUP if fp8 else 1.0) * _throughput(gpu)
+    hours = the_dial.tokens / speed / 3600 * TRAINING_OVERHEAD
+    how = (
+        f"{the_dial.tokens / 1e9:.2f}B tokens at ~{speed / 1e3:,.0f}K tokens/s"
+        f"{', fp8' if fp8 else ''}, from docs/benchmarks.md"
+    )
+    return hours, how
+
+
+def estimate(
+    stage: Stage,
+    preset: str,
+    gpu: str | None,
+    reference_gpu: str | None,
+    argv: list[str] | None = None,
+) -> Estimate:
+    """Hours and cost of one stage on ``gpu``: derived for pretraining on GPUs (``argv``:
+    its script flags), else scaled from the preset's reference GPUs."""
+    cores = remote_resources(stage, gpu)[0]
+    if stage.name == "pretrain" and gpu is not None and argv is not None:
+        try:
+            hours, how = pretrain_hours(argv, gpu)
+            return Estimate(stage.name, gpu, hours, hours * hourly_cost(gpu, stage), cores, how)
+        except UsageError:  # a batch that does not divide: the dry run says so itself
+            pass
+    table = EXPECTED_HOURS.get(preset, EXPECTED_HOURS["speedrun"])
+    hours = table.get(stage.name, 0.25)
     reference = _throughput(reference_gpu)
     actual = _throughput(gpu)
     if stage.hardware == "gpus" and reference and actual:
         hours *= reference / actual
-    return Estimate(stage.name, gpu, hours, hours * hourly_cost(gpu))
+    return Estimate(stage.name, gpu, hours, hours * hourly_cost(gpu, stage), cores)
 
 
 def gpu_hours(gpu: str | None, seconds: float) -> float:

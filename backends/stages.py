@@ -12,6 +12,9 @@ preset, only where a preset departs from the script's own default. ``done`` is t
 whose presence means the stage completed (``make speedrun`` skips it; None = always run, for
 stages that are idempotent and cheap to re-check). ``timeout_h`` and ``retries`` bound one
 remote attempt (Modal): training stages resume from their last checkpoint when retried.
+``cores`` and ``memory_gb`` size a remote CPU container (Modal); GPU containers get
+``CORES_PER_GPU`` and ``MEMORY_GB_PER_GPU`` per GPU. ``interactive`` stages read the
+keyboard unless given a prompt flag (``prompt_flags``).
 """
 
 from __future__ import annotations
@@ -40,10 +43,20 @@ class Stage:
     web_port: int | None = None
     timeout_h: float = 2.0
     retries: int = 1
+    cores: int = 4  # a remote CPU container's cores (Modal): REMOTE_CPU_CORES
+    memory_gb: int = 8  # a remote CPU container's memory (Modal): REMOTE_CPU_MEMORY_GB
+    # A stage that reads the keyboard (a REPL) unless one of these flags gives it the input.
+    interactive: bool = False
+    prompt_flags: tuple[str, ...] = ()
 
     @property
     def multiprocess(self) -> bool:
         return self.hardware == "gpus"
+
+    def reads_keyboard(self, argv: list[str]) -> bool:
+        """True for an interactive stage whose command gives it no prompt flag."""
+        flags = {arg.split("=", 1)[0] for arg in argv}
+        return self.interactive and not flags & set(self.prompt_flags)
 
     def done_path(self, knobs: dict[str, object]) -> str | None:
         """The completion marker for these knobs, relative to BASE_DIR (None: always run,
@@ -103,14 +116,16 @@ STAGES: tuple[Stage, ...] = (
         "tokenizer",
         "scripts.tok_train",
         "train the byte-level BPE tokenizer on the training shards",
-        # The seed gives this stage one GPU on Modal (more CPU cores come with it);
-        # the work itself is CPU-only (rustbpe).
-        "gpu",
+        # CPU work (rustbpe, all cores): on Modal a CPU container sized for the default
+        # 2e9 characters (the text and its chunk counts in memory), not a rented GPU.
+        "cpu",
         knobs=("dataset",),
         reads=("base_data/{dataset}/",),
         writes=("tokenizer/", "report/tokenizer.md"),
         preset_args={"tiny": ("--vocab-size=4096",)},
         done="tokenizer/tokenizer.json",
+        cores=16,
+        memory_gb=64,
     ),
     Stage(
         "tokenizer-eval",
@@ -150,6 +165,9 @@ STAGES: tuple[Stage, ...] = (
                 "--eval-batches=1",
                 "--save-every=3",
             ),
+            # GPT-2 grade as upstream reached it (DESIGN B.9): tokens = 8 x scaling params,
+            # fp8 matmuls on H100. The preset's shards and its price follow from these.
+            "gpt2": ("--ratio=8", "--fp8"),
         },
         done="report/pretrain.md",
         explain="scripts.base_train:explain",
@@ -256,6 +274,8 @@ STAGES: tuple[Stage, ...] = (
         knobs=("source",),
         reads=(CKPT,),
         retries=0,
+        interactive=True,
+        prompt_flags=("-p", "--prompt"),
     ),
     Stage(
         "chat-web",
@@ -336,7 +356,32 @@ def trains(stage: Stage) -> bool:
 # four for the multi-GPU stages, one for the single-GPU ones).
 DEFAULT_GPU_TYPE = "A100-80GB"
 DEFAULT_GPU_COUNT = 4
-REMOTE_CPU_CORES = 4  # cores of a remote container without GPU (and the processes it can hold)
+# A remote CPU container's default size (the Stage defaults above say the same numbers).
+REMOTE_CPU_CORES = Stage.cores  # cores (and the processes it can hold)
+REMOTE_CPU_MEMORY_GB = Stage.memory_gb
+CORES_PER_GPU = 8  # a remote GPU container's cores and memory, per GPU (Modal)
+MEMORY_GB_PER_GPU = 32
+
+
+def remote_resources(stage: Stage, gpu: str | None) -> tuple[int, int]:
+    """(cores, memory in GiB) a remote container requests for ``stage`` on ``gpu`` (a Modal
+    GPU string; None = a CPU container). Any stage may run in a CPU container (GPU=cpu):
+    a GPU stage's CPU container gets the default size."""
+    if gpu is None:
+        if stage.hardware == "cpu":
+            return stage.cores, stage.memory_gb
+        return REMOTE_CPU_CORES, REMOTE_CPU_MEMORY_GB
+    count = gpu_count(gpu)
+    return CORES_PER_GPU * count, MEMORY_GB_PER_GPU * count
+
+
+def remote_threads(stage: Stage, gpu: str | None, nproc: int) -> int:
+    """OMP_NUM_THREADS of a remote stage: 1 per process beside GPUs (they do the work),
+    else the container's requested cores shared out (not os.cpu_count(): a container sees
+    the host's cores, not its share)."""
+    if gpu is not None:
+        return 1
+    return max(1, remote_resources(stage, gpu)[0] // max(nproc, 1))
 
 
 def remote_gpu(stage: Stage, gpu: object | None) -> str | None:

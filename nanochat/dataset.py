@@ -58,6 +58,9 @@ from nanochat.shards import FolderBusy, building, folder_complete, folder_lock
 class RemoteDataset:
     repo: str  # Hugging Face dataset repo
     num_shards: int  # shard_00000 .. shard_<num_shards-1>; the last one is validation
+    # Training tokens in one shard with the recipe's 32K vocabulary, roughly (~250M
+    # characters; DESIGN B.1: ~150 ClimbMix shards hold ~7B tokens). Presets are sized by it.
+    tokens_per_shard: int = 46_000_000
 
     @property
     def validation_index(self) -> int:

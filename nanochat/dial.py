@@ -37,6 +37,13 @@ def scaling_params(depth: int, vocab_size: int, kv_heads: int | None = None) -> 
     return depth * per_layer + vocab_size * c
 
 
+def flops_per_token(depth: int, vocab_size: int, seq_len: int) -> int:
+    """Training FLOPs per token of the plain model (full attention): 6 x the matmul
+    parameters + 12 x width x context per layer (DESIGN B.3; ``gpt.flops_per_token`` counts
+    the same on a built config, and the tests check that the two agree)."""
+    return 6 * scaling_params(depth, vocab_size) + 12 * width(depth) * seq_len * depth
+
+
 def total_params(depth: int, vocab_size: int, kv_heads: int | None = None) -> int:
     return scaling_params(depth, vocab_size, kv_heads) + vocab_size * width(depth)
 

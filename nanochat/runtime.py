@@ -3,7 +3,9 @@
 Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) the process group starts with NCCL on CUDA
 and gloo on CPU; alone, nothing is initialized and rank 0 of 1 is assumed. bf16 autocast on
 CUDA GPUs of compute capability 8.0+ (A100, H100), fp32 elsewhere; NANOCHAT_DTYPE=float32 |
-bfloat16 overrides it.
+bfloat16 overrides it. GPUs that nvidia-smi shows but torch cannot use (a driver too old
+for the wheel's CUDA) stop the stage with one line and exit 2, before any work: never a
+silent run on the CPU.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from nanochat import gpus
 
 DTYPE_ENV = "NANOCHAT_DTYPE"
 # Dense bf16 peak FLOP/s per GPU, for MFU (DESIGN B.3); None where unknown (CPU).
@@ -69,6 +74,7 @@ def start() -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_cuda_usable()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -78,6 +84,16 @@ def start() -> Runtime:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return Runtime(rank, world_size, local_rank, device, compute_dtype(device))
+
+
+def check_cuda_usable() -> None:
+    """Exit 2 with one line when GPUs are visible but torch cannot use them."""
+    if torch.cuda.is_available() or not gpus.visible_gpus():
+        return
+    if os.environ.get("RANK", "0") == "0":
+        reason = gpus.unusable_reason(torch.__version__, torch.version.cuda)
+        print(f"error: {reason}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def stop(runtime: Runtime) -> None:

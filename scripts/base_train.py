@@ -17,6 +17,7 @@ Writes base_checkpoints/<tag>/ and report/pretrain.md (the stage's completion ma
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -282,8 +283,23 @@ def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
     return 0
 
 
+def wandb_logged_in() -> bool:
+    """WANDB_API_KEY set, ``wandb login``'s netrc entry present, or wandb told to work
+    without the server (WANDB_MODE=offline/disabled)."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    try:
+        path = os.environ.get("NETRC") or str(Path("~/.netrc").expanduser())
+        return netrc.netrc(path).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def start_wandb(args, rt):
-    """A wandb run when --run names one (rank 0 only); None for --run=dummy."""
+    """A wandb run when --run names one (rank 0 only); None for --run=dummy. No wandb or no
+    wandb login is bad input, found before any work (wandb would fail later with a trace)."""
     if args.run == "dummy":
         return None
     try:
@@ -293,6 +309,11 @@ def start_wandb(args, rt):
             f"--run={args.run} logs to wandb, which is not installed: "
             "pip install wandb (and set WANDB_API_KEY), or use RUN=dummy"
         ) from None
+    if not wandb_logged_in():
+        raise UsageError(
+            f"--run={args.run} logs to wandb but no WANDB_API_KEY is set (environment or "
+            ".env) and wandb is not logged in: set it, or use RUN=dummy"
+        )
     return wandb.init(project="nanochat", name=args.run) if rt.master else None
 
 
@@ -356,20 +377,28 @@ def print_samples(model, tokenizer, context: int, rt) -> None:
     model.train()
 
 
+def planned(argv: list[str], processes: int, vocab: int):
+    """The dial these flags give (``nanochat.dial.Dial``): what a run of this command trains.
+    The launcher sizes downloads and prices runs with it (no torch)."""
+    from nanochat import dial
+
+    args = build_parser().parse_args(argv)
+    return dial.plan(
+        args.depth, vocab, args.seq_len, args.device_batch, processes, args.ratio,
+        args.total_batch, args.num_steps,
+    )  # fmt: skip
+
+
 def explain(argv: list[str], processes: int, base: Path) -> list[str]:
     """What the dial derives for these flags (the launcher's dry run prints it; no torch)."""
     from nanochat import dial
 
-    args = build_parser().parse_args(argv)
     meta = base / "tokenizer" / "tokenizer.json"
     vocab, source = dial.DEFAULT_VOCAB, "assumed: no tokenizer yet"
     if meta.is_file():
         vocab, source = json.loads(meta.read_text())["vocab_size"], "from tokenizer.json"
     try:
-        the_dial = dial.plan(
-            args.depth, vocab, args.seq_len, args.device_batch, processes, args.ratio,
-            args.total_batch, args.num_steps,
-        )  # fmt: skip
+        the_dial = planned(argv, processes, vocab)
     except UsageError as exc:
         return [f"warning: {exc}"]
     return [*the_dial.describe(), f"vocab {vocab:,} {source}"]

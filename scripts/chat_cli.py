@@ -259,19 +259,35 @@ def _readline(history: Path):
     return readline
 
 
+NO_INPUT = (
+    "no input: chat-cli reads your messages from a terminal (docker: make chat-cli "
+    "BACKEND=docker from a terminal runs it with -it) or from standard input, one per line; "
+    "for one reply give a prompt: ARGS='-p \"Hello\"'"
+)
+
+
 def repl(chat: Chat, base: Path) -> int:
-    interactive = sys.stdin.isatty()
+    """The multi-turn chat. Standard input that ends before any line (no terminal, nothing
+    piped in: a container without -i) is an error, never a silent exit 0."""
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     history = base / "logs" / HISTORY_FILE
     readline = _readline(history) if interactive else None
     if interactive:
         print("Type a message; /help lists the commands, Ctrl-D quits.", file=sys.stderr)
+    lines_read = 0
     try:
         while True:
             try:
+                if sys.stdin is None:
+                    raise EOFError
                 line = input("you> " if interactive else "")
+                lines_read += 1
             except EOFError:
                 if interactive:
                     print()
+                if not interactive and lines_read == 0:
+                    print(f"error: {NO_INPUT}", file=sys.stderr, flush=True)
+                    return 2
                 return 0
             except KeyboardInterrupt:
                 print()

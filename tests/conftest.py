@@ -1,4 +1,7 @@
-"""Shared test fixtures: every test gets its own artifacts root, never ~/.cache/nanochat."""
+"""Shared test fixtures: every test gets its own artifacts root, never ~/.cache/nanochat,
+and nothing of the user's environment reaches a test: the knob variables (BASE_DIR, PRESET,
+DEPTH, ARGS, ...), nanochat's own variables, the secrets and the repository's .env are
+cleared when this file is imported, before any test or fixture runs."""
 
 from __future__ import annotations
 
@@ -11,6 +14,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
+sys.path.insert(0, str(REPO))
+
+from backends.knobs import KNOBS  # noqa: E402
+from backends.secrets import DOTENV_ENV, SECRET_NAMES  # noqa: E402
+
+# Make variables of our Makefile that a user may export, besides the knobs.
+MAKE_VARIABLES = ("EXTRAS", "VENV", "DEST", "OMP_NUM_THREADS", "MODAL_IS_REMOTE")
+USER_VARIABLES = sorted(
+    {knob.make_var for knob in KNOBS}
+    | set(SECRET_NAMES)
+    | set(MAKE_VARIABLES)
+    | {name for name in os.environ if name.startswith("NANOCHAT_")}
+)
+
+
+def _clear_user_environment() -> None:
+    for name in USER_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ[DOTENV_ENV] = os.devnull  # never the repository's .env
+
+
+_clear_user_environment()
 
 
 @pytest.fixture(autouse=True)

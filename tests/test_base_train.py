@@ -217,13 +217,13 @@ def test_dry_run_shows_batch_accumulation_and_horizon():
 @pytest.mark.parametrize(
     "flag,message",
     [
-        ("--run=myrun", "--run=myrun logs to wandb, which is not installed"),
+        ("--run=myrun", "--run=myrun logs to wandb but no WANDB_API_KEY is set"),
         ("--fp8", "--fp8 needs a CUDA GPU"),
     ],
 )
-def test_optional_features_missing_here_are_one_line(toy, flag, message):
-    # wandb is no dependency of ours and this machine has no GPU: both are missing here.
-    result = train([*SMALL, "--num-steps=2", flag])
+def test_optional_features_missing_here_are_one_line(toy, tmp_path, flag, message):
+    # No wandb login (no key, an empty netrc) and no GPU here: both are bad input.
+    result = train([*SMALL, "--num-steps=2", flag], env={"NETRC": str(tmp_path / "no-netrc")})
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (toy / "base_checkpoints").exists()  # nothing was trained or written

@@ -106,6 +106,16 @@ def test_the_repl_reads_stdin_and_runs_commands(base_only):
     assert not (base_only / "logs" / "chat_history").exists()  # no history without a tty
 
 
+def test_no_input_at_all_is_an_error_not_a_silent_exit_0(base_only):
+    """What a container without a keyboard gives the REPL: standard input at its end."""
+    result = chat_cli([], stdin="")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: no input: chat-cli reads your messages from a terminal")
+    assert "-p" in error
+
+
 # --- loading -------------------------------------------------------------------------------
 
 

@@ -51,12 +51,43 @@ def test_hadolint_passes_with_only_justified_ignores():
             assert lines[i - 1].startswith("#") and len(lines[i - 1]) > 20, "justify the ignore"
 
 
-def test_base_image_and_tools():
+def base_image() -> str:
     steps = instructions()
-    assert steps[0] == ("FROM", "nvidia/cuda:12.8.1-devel-ubuntu24.04")
-    runs = " ".join(args for kind, args in steps if kind == "RUN")
+    assert steps[0][0] == "ARG" and steps[1] == ("FROM", "${BASE_IMAGE}")
+    name, _, default = steps[0][1].partition("=")
+    assert name == "BASE_IMAGE"
+    return default
+
+
+def test_base_image_and_tools():
+    assert base_image() == "nvidia/cuda:13.0.1-devel-ubuntu24.04"
+    runs = " ".join(args for kind, args in instructions() if kind == "RUN")
     for tool in ("python3", "rustup", "uv=="):
         assert tool in runs
+
+
+def test_the_image_cuda_is_the_cuda_of_its_locked_torch():
+    """torch's CUDA wheels (cuda-toolkit in uv.lock) must match the base image's CUDA, or
+    the image carries two CUDAs and the driver the README names is wrong."""
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    packages = {p["name"]: p for p in lock["package"]}
+    torch_deps = {d["name"] for d in packages["torch"]["dependencies"]}
+    assert "cuda-toolkit" in torch_deps
+    toolkit = packages["cuda-toolkit"]["version"]  # e.g. 13.0.3.0
+    image_cuda = re.match(r"nvidia/cuda:(\d+\.\d+)\.", base_image()).group(1)
+    assert toolkit.startswith(image_cuda + "."), (toolkit, image_cuda)
+    cu = "cu" + image_cuda.split(".")[0]
+    assert all(name.endswith(cu) for name in torch_deps if re.search(r"-cu\d+$", name))
+    # The README says which driver that needs (CUDA 13.0: 580 or newer).
+    assert f"CUDA {image_cuda}" in (REPO / "README.md").read_text()
+    assert "580" in (REPO / "README.md").read_text()
+
+
+def test_the_image_sets_no_thread_count():
+    """OMP_NUM_THREADS is computed per run (backends/command.py); an ENV in the image would
+    win over it in every Modal container (a CPU container ran on one thread)."""
+    envs = " ".join(args for kind, args in instructions() if kind == "ENV")
+    assert "OMP_NUM_THREADS" not in envs
 
 
 def test_dependency_layer_comes_before_the_source():

@@ -166,6 +166,15 @@ def test_flops_per_token_d20_by_hand():
     assert flops_per_token(config) == expected
 
 
+@pytest.mark.parametrize("depth", [4, 12, 20, 24])
+def test_the_launchers_flops_count_is_the_models(depth):
+    """nanochat.dial prices runs without torch; it must count what the model counts."""
+    from nanochat import dial
+
+    config = config_for_depth(depth, vocab_size=32768, sequence_len=2048)
+    assert dial.flops_per_token(depth, 32768, 2048) == flops_per_token(config)
+
+
 def test_flops_per_token_short_windows_see_less_context():
     full = small_config(n_layer=4)
     windowed = small_config(n_layer=4, window_pattern="SSSL")

@@ -22,7 +22,9 @@ from conftest import REPO, run_cli
 
 from backends import modal_app, modal_backend
 from backends.launch import plan, speedrun_plans
+from backends.secrets import load_secrets
 from backends.stages import STAGES, STAGES_BY_NAME, remote_gpu
+from nanochat.common import UsageError
 
 # Function.local() warns that volumes are not mounted locally: the stand-in is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:The stage_.* function is executing locally")
@@ -73,10 +75,15 @@ def test_each_stage_function_follows_the_stage_table():
         assert {str(k): v.name for k, v in fn._spec_.volumes.items()} == {
             f"/vol/{name}": name for name in modal_app.VOLUMES
         }
+        # Every function asks for its cores and memory (Modal's default is a sliver).
+        assert fn._spec_.cpu >= 4 and fn._spec_.memory >= 8 * 1024
     # The seed's defaults: multi-GPU stages on A100-80GB x4, single-GPU stages on one,
-    # CPU-only download.
-    assert modal_app.STAGE_FUNCTIONS["pretrain"]._spec_.gpus == "A100-80GB:4"
-    assert modal_app.STAGE_FUNCTIONS["tokenizer"]._spec_.gpus == "A100-80GB"
+    # CPU-only download. The tokenizer is CPU work: a big CPU container, no rented GPU.
+    pretrain = modal_app.STAGE_FUNCTIONS["pretrain"]._spec_
+    assert (pretrain.gpus, pretrain.cpu, pretrain.memory) == ("A100-80GB:4", 32.0, 4 * 32 * 1024)
+    assert modal_app.STAGE_FUNCTIONS["chat-cli"]._spec_.gpus == "A100-80GB"
+    tokenizer = modal_app.STAGE_FUNCTIONS["tokenizer"]._spec_
+    assert (tokenizer.gpus, tokenizer.cpu, tokenizer.memory) == (None, 16.0, 64 * 1024)
     assert modal_app.STAGE_FUNCTIONS["download"]._spec_.gpus is None
     # Training stages retry (and resume) after preemption; interactive ones do not.
     assert STAGES_BY_NAME["pretrain"].retries >= 2 and STAGES_BY_NAME["chat-web"].retries == 0
@@ -106,14 +113,22 @@ def test_every_artifact_lives_on_a_volume():
 
 
 def test_gpu_override_and_cpu_routing():
-    tokenizer, pretrain = STAGES_BY_NAME["tokenizer"], STAGES_BY_NAME["pretrain"]
+    chat_cli, pretrain = STAGES_BY_NAME["chat-cli"], STAGES_BY_NAME["pretrain"]
     fn, on_cpu = modal_app.function_for(pretrain, "A100-80GB:4")
     assert fn is modal_app.STAGE_FUNCTIONS["pretrain"] and not on_cpu
     fn, on_cpu = modal_app.function_for(pretrain, "H100:8")
     assert fn is not modal_app.STAGE_FUNCTIONS["pretrain"] and not on_cpu  # with_options copy
-    fn, on_cpu = modal_app.function_for(tokenizer, None)
+    # The override resizes the container with the GPUs: 8 cores and 32 GiB per GPU.
+    assert modal_app.resource_options(pretrain, "H100:8") == {
+        "gpu": "H100:8",
+        "cpu": 64.0,
+        "memory": 256 * 1024,
+    }
+    fn, on_cpu = modal_app.function_for(chat_cli, None)
     assert fn is modal_app.stage_on_cpu and on_cpu
     assert modal_app.stage_on_cpu._spec_.gpus is None
+    fn, on_cpu = modal_app.function_for(STAGES_BY_NAME["tokenizer"], None)
+    assert fn is modal_app.STAGE_FUNCTIONS["tokenizer"] and not on_cpu
 
 
 def test_stage_body_runs_the_tiny_tokenizer_against_a_stand_in_volume(base_dir, volume_root):
@@ -246,9 +261,11 @@ def test_speedrun_steps_carry_force_env_and_the_background_download(base_dir):
     steps = {s["label"]: s for s in modal_backend.speedrun_steps(plans)}
     assert json.loads(json.dumps(steps)) == steps  # plain JSON for the remote call
     sft = steps["sft SOURCE=mid"]
-    assert sft["force"] and sft["env"] == {"NANOCHAT_RESUME": "never"}
-    assert steps["chat-eval SOURCE=sft"]["force"] and steps["chat-eval SOURCE=sft"]["env"] == {}
-    assert not steps["midtrain"]["force"] and steps["midtrain"]["env"] == {}
+    threads = {"OMP_NUM_THREADS": "4"}  # tiny on a CPU container of 4 cores, 1 process
+    assert sft["force"] and sft["env"] == {"NANOCHAT_RESUME": "never", **threads}
+    assert steps["chat-eval SOURCE=sft"]["force"]
+    assert steps["chat-eval SOURCE=sft"]["env"] == threads
+    assert not steps["midtrain"]["force"] and steps["midtrain"]["env"] == threads
     assert steps["chat-eval SOURCE=mid"]["knobs"]["source"] == "mid"
     assert steps["chat-eval SOURCE=mid"]["done"] == "report/chat-eval-mid.md"
     # In the container the forced entry starts over; a plain one resumes.
@@ -284,7 +301,9 @@ def test_dry_run_wraps_the_local_command():
     local_line = local_out.stdout.strip().splitlines()[-1]
     lines = modal_out.stdout.strip().splitlines()
     assert lines[-1] == local_line
-    assert lines[0].startswith("# modal: app nanochat, function stage_on_cpu")
+    assert lines[0].startswith(
+        "# modal: app nanochat, function stage_tokenizer: no GPU (CPU container), 16 cores, 64 GiB"
+    )
     assert any(line.startswith("# estimate: tokenizer") for line in lines)
 
 
@@ -292,7 +311,7 @@ def test_dry_run_of_a_gpu_preset_shows_gpus_and_cost():
     text = modal_backend.describe(
         plan("pretrain", preset="speedrun", backend="modal", dry_run=True)
     )
-    assert "function stage_pretrain: GPU H100:8, timeout 24 h, retries 3" in text
+    assert "function stage_pretrain: GPU H100:8, 64 cores, 256 GiB, timeout 24 h, retries 3" in text
     assert "torchrun --standalone --nproc_per_node=8 -m scripts.base_train" in text
     assert "~$" in text
 
@@ -348,3 +367,281 @@ def test_volume_get_without_path_is_a_usage_error():
 def test_tiny_tokenizer_on_modal_for_real(base_dir):
     result = run_cli(["make", "tokenizer", "PRESET=tiny", "BACKEND=modal"], timeout=3600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- the same dependencies on the laptop and in the container ---------------------------
+
+DEPS_PROBE = textwrap.dedent("""
+    import json, sys, warnings
+    sys.path.insert(0, {repo!r})
+    import modal
+    warnings.simplefilter("error", modal.exception.DeprecationError)
+    from modal._utils.async_utils import synchronizer
+    import backends.modal_app as m
+    functions = {{**m.STAGE_FUNCTIONS, "stage_on_cpu": m.stage_on_cpu,
+                 "speedrun_remote": m.speedrun_remote, "chat_web": m.chat_web}}
+    out = {{}}
+    for name, fn in functions.items():
+        # What Modal's container entrypoint compares with the deployed function's ids.
+        deps = synchronizer._translate_in(fn)._deps_(only_explicit_mounts=True)
+        out[name] = [repr(d) if "Secret.from_name" in repr(d) else type(d).__name__
+                     for d in deps]
+    print(json.dumps({{"deps": out, "injected": m.dict_secret_values()}}))
+""")
+
+# name -> (the laptop's environment, its .env, what the named secret holds)
+SECRET_SETUPS = {
+    "none": ({}, "", {}),
+    "environment only": ({"WANDB_API_KEY": "w-env"}, "", {}),
+    ".env only": ({}, "HF_TOKEN=h-file\n", {}),
+    "named only": ({"NANOCHAT_MODAL_SECRET": "team"}, "", {}),
+    "named, holding a key the laptop lacks": (
+        {"NANOCHAT_MODAL_SECRET": "team"},
+        "",
+        {"WANDB_API_KEY": "w-named"},
+    ),
+    "both": ({"NANOCHAT_MODAL_SECRET": "team"}, "WANDB_API_KEY=w-file\n", {"HF_TOKEN": "h"}),
+}
+
+
+def _deps(env: dict[str, str]) -> dict:
+    result = run_cli([sys.executable, "-c", DEPS_PROBE.format(repo=str(REPO))], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("setup", list(SECRET_SETUPS))
+def test_every_function_declares_the_same_dependencies_in_the_container(tmp_path, setup):
+    """Modal hydrates a function's dependencies by position: the container's import must
+    declare exactly the laptop's, or it dies with "Function has N dependencies but container
+    got M object ids". The container has no .env and none of the laptop's variables; it has
+    what Modal injects (the secrets' variables and the function's env)."""
+    environ, dotenv, named = SECRET_SETUPS[setup]
+    (tmp_path / ".env").write_text(dotenv)
+    laptop_env = {**NO_TOKEN, **environ, "NANOCHAT_DOTENV": str(tmp_path / ".env")}
+    laptop = _deps(laptop_env)
+    # Modal injects the dict secret's variables (as the laptop made it) and the named one's.
+    injected = {**laptop["injected"], **named}
+    assert set(laptop["injected"]) - {"NANOCHAT_MODAL_SECRET"} == set(
+        load_secrets(tmp_path / ".env", environ)
+    )
+    container_env = {
+        **NO_TOKEN,
+        **injected,
+        "MODAL_IS_REMOTE": "1",
+        "NANOCHAT_DOTENV": str(tmp_path / "absent"),
+        modal_backend.WEB_KNOBS_ENV: "{}",
+    }
+    container = _deps(container_env)
+    assert container["deps"] == laptop["deps"]
+    pretrain = laptop["deps"]["pretrain"]
+    wanted = ["_Secret"]  # the dict secret, always there (possibly empty)
+    if environ.get("NANOCHAT_MODAL_SECRET"):
+        wanted.append("modal.Secret.from_name('team')")
+    assert pretrain[: pretrain.index("_Image")] == wanted
+
+
+# --- chat-web on Modal: the GPU, the auth and the idle window the user asked for ------------
+
+WEB_PROBE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import modal
+    from modal._utils.async_utils import synchronizer
+    calls = {{}}
+    original = modal.App.function
+    def spy(self, *args, **kwargs):
+        decorate = original(self, *args, **kwargs)
+        def record(f):
+            fn = decorate(f)
+            calls[getattr(f, "__name__", "web endpoint")] = kwargs  # a web endpoint is a partial
+            return fn
+        return record
+    modal.App.function = spy
+    import backends.modal_app as m
+    web = synchronizer._translate_in(m.chat_web)
+    options = calls["web endpoint"]
+    print(json.dumps({{
+        "gpu": m.chat_web._spec_.gpus, "cpu": m.chat_web._spec_.cpu,
+        "proxy_auth": web._webhook_config.requires_proxy_auth,
+        "port": web._webhook_config.web_server_port,
+        "scaledown_window": options.get("scaledown_window"),
+        "max_containers": options.get("max_containers"),
+        "orchestrator_nonpreemptible":
+            m.speedrun_remote._spec_.scheduler_placement.nonpreemptible,
+    }}))
+""")
+
+
+@pytest.mark.parametrize(
+    "knobs, key, gpu, cpu, proxy_auth",
+    [
+        ({"preset": "tiny", "gpu": "cpu"}, "", None, 4.0, True),  # tiny: a CPU container
+        ({"preset": "speedrun", "gpu": "H100:8"}, "", "H100", 8.0, True),  # one GPU serves
+        ({}, "k-123", "A100-80GB", 8.0, False),  # the server checks NANOCHAT_API_KEY itself
+    ],
+)
+def test_chat_web_function_follows_the_knobs_and_is_never_open(knobs, key, gpu, cpu, proxy_auth):
+    env = {**NO_TOKEN, modal_backend.WEB_KNOBS_ENV: json.dumps(knobs), "NANOCHAT_API_KEY": key}
+    result = run_cli([sys.executable, "-c", WEB_PROBE.format(repo=str(REPO))], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (found["gpu"], found["cpu"], found["proxy_auth"]) == (gpu, cpu, proxy_auth)
+    assert found["port"] == STAGES_BY_NAME["chat-web"].web_port
+    # Kept warm between requests (no model reload per idle minute), one container billed.
+    assert (found["scaledown_window"], found["max_containers"]) == (600, 1)
+    assert found["orchestrator_nonpreemptible"] is True
+
+
+def test_chat_web_dry_run_shows_the_container_port_and_auth(capsys):
+    text = modal_backend.describe(plan("chat-web", preset="tiny", backend="modal", dry_run=True))
+    assert "function chat_web: no GPU (CPU container), 4 cores, 8 GiB" in text
+    assert "a web endpoint (port 8000 behind Modal's HTTPS URL), one container, kept 10 min" in text
+    assert "auth: Modal proxy auth: requests need the headers Modal-Key and Modal-Secret" in text
+    text = modal_backend.describe(
+        plan("chat-web", preset="speedrun", backend="modal", gpu="H100:8", dry_run=True)
+    )
+    assert "function chat_web: GPU H100, 8 cores, 32 GiB" in text
+
+
+def test_chat_cli_on_modal_needs_a_prompt(base_dir):
+    the_plan = plan("chat-cli", preset="tiny", backend="modal", dry_run=True)
+    with pytest.raises(UsageError, match="cannot read your keyboard: give it a prompt"):
+        modal_backend.check_interactive(the_plan)
+    prompted = plan("chat-cli", preset="tiny", backend="modal", args="-p Hi", dry_run=True)
+    modal_backend.check_interactive(prompted)  # fine: one reply, streamed back
+
+
+# --- threads: what the dry run prints is what the container runs ----------------------------
+
+
+def image_env() -> dict[str, str]:
+    """The ENV the Dockerfile sets (what every container starts with), PATH aside."""
+    found = {}
+    for line in (REPO / "docker" / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("ENV "):
+            for pair in line[4:].split():
+                key, _, value = pair.partition("=")
+                found[key] = value
+    found.pop("PATH", None)
+    return found
+
+
+@pytest.mark.parametrize("stage_name, threads", [("pretrain", "4"), ("tokenizer", "16")])
+def test_a_cpu_container_runs_the_threads_its_dry_run_prints(
+    monkeypatch, base_dir, stage_name, threads
+):
+    the_plan = plan(stage_name, preset="tiny", backend="modal", dry_run=True)
+    assert the_plan.command.env["OMP_NUM_THREADS"] == threads  # the container's cores
+    knobs = modal_backend.payload(the_plan)
+    for key, value in image_env().items():  # now as the container starts
+        monkeypatch.setenv(key, value)
+    stage = STAGES_BY_NAME[stage_name]
+    assert modal_app.remote_command(stage, knobs, base_dir).env["OMP_NUM_THREADS"] == threads
+    # Computed in the container from the requested size too (not from os.cpu_count(), which
+    # is the host's), so even a step without the carried value agrees.
+    bare = {k: v for k, v in knobs.items() if k != "env"}
+    assert modal_app.remote_command(stage, bare, base_dir).env["OMP_NUM_THREADS"] == threads
+
+
+# --- one speedrun per set of volumes ---------------------------------------------------------
+
+
+class StandInDict:
+    """modal.Dict's get/put(skip_if_exists)/pop, in memory (the server applies put's
+    skip_if_exists atomically; one thread does here)."""
+
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def put(self, key, value, *, skip_if_exists=False):
+        if skip_if_exists and key in self.data:
+            return False
+        self.data[key] = value
+        return True
+
+    def pop(self, key, default=None):
+        return self.data.pop(key, default)
+
+
+def test_the_stand_in_has_the_sdks_signatures():
+    import inspect
+
+    for name in ("get", "put", "pop"):
+        ours = inspect.signature(getattr(StandInDict, name)).parameters
+        sdk = inspect.signature(getattr(modal.Dict, name)).parameters
+        assert list(ours)[1:] == list(sdk)[1:], name
+
+
+def test_one_orchestrator_holds_the_lease_and_a_dead_ones_lapses():
+    store, now = StandInDict(), [1000.0]
+    first = modal_app.SpeedrunLease(store, "fc-first", clock=lambda: now[0])
+    second = modal_app.SpeedrunLease(store, "fc-second", clock=lambda: now[0])
+    first.acquire()
+    with pytest.raises(modal_app.SpeedrunBusy, match="another speedrun is running .* fc-first"):
+        second.acquire()
+    modal_app.SpeedrunLease(store, "fc-first", clock=lambda: now[0]).acquire()  # a retry
+    now[0] += modal_app.LEASE_S - 1
+    first.renew()
+    now[0] += modal_app.LEASE_S - 1
+    with pytest.raises(modal_app.SpeedrunBusy):
+        second.acquire()  # renewed: still alive
+    now[0] += 2  # not renewed for a whole lease: its orchestrator died
+    second.acquire()
+    with pytest.raises(modal_app.SpeedrunBusy, match="taken over"):
+        first.renew()
+    first.release()  # not its lease any more: left alone
+    assert store.get(modal_app.LOCK_KEY)["owner"] == "fc-second"
+    second.release()
+    assert store.get(modal_app.LOCK_KEY) is None
+
+
+def test_a_busy_orchestrator_runs_nothing(base_dir, volume_root):
+    store = StandInDict()
+    modal_app.SpeedrunLease(store, "fc-first").acquire()
+    called = []
+    outcome = modal_app.run_orchestrator(
+        [{"stage": "report", "knobs": {}, "gpu": None}],
+        modal_app.SpeedrunLease(store, "fc-second"),
+        call=lambda *a: called.append(a),
+    )
+    assert called == [] and "another speedrun is running" in outcome["error"]
+    outcome = modal_app.run_orchestrator(
+        [{"stage": "report", "knobs": {}, "gpu": None}],
+        modal_app.SpeedrunLease(store, "fc-first"),  # its own retry goes on
+        call=lambda stage, knobs, gpu: called.append(stage.name) or {"exit_code": 0},
+    )
+    assert called == ["report"] and "error" not in outcome
+    assert store.get(modal_app.LOCK_KEY) is None  # released at the end
+
+
+def test_the_launcher_refuses_a_second_speedrun_before_starting_anything(monkeypatch):
+    import dataclasses
+
+    store = StandInDict()
+    modal_app.SpeedrunLease(store, "fc-running").acquire()
+    monkeypatch.setattr(modal_app, "lock_store", lambda: store)
+    started = []
+    monkeypatch.setattr(modal_app.app, "run", lambda **kw: started.append(kw))
+    plans = speedrun_plans(backend="modal", preset="smoke", dry_run=True)
+    plans = [dataclasses.replace(p, dry_run=False) for p in plans]
+    with pytest.raises(UsageError, match="another speedrun is running on these volumes"):
+        modal_backend.run_speedrun(plans)
+    assert started == []
+
+
+def test_stages_are_waited_for_with_spawn_get_not_remote(monkeypatch):
+    """A .remote() call's result expires after 24 h; a long stage with retries outlives it."""
+    waited = []
+
+    class Call:
+        def get(self):
+            waited.append("get")
+            return {"exit_code": 0}
+
+    monkeypatch.setattr(modal_app, "spawn_stage", lambda stage, knobs, gpu: Call())
+    assert modal_app.call_stage(STAGES_BY_NAME["report"], {}, None) == {"exit_code": 0}
+    assert waited == ["get"]

@@ -1,0 +1,164 @@
+"""BACKEND=docker for real: docker/Dockerfile built by a real engine, stages in containers.
+
+The image is the project's own Dockerfile, unchanged, built on a local stand-in of its CUDA
+base (tests/docker_standin.py says how the test image differs and why). Then, through the
+front door a user types: the smoke preset's data, tokenizer and pretraining stages in
+containers (exit codes, artifacts owned by the caller), a bad flag (exit 2 from inside the
+container, one line), chat-web answering the official openai client on 127.0.0.1 and
+Ctrl-C stopping and removing its container, and what the README promises being in the
+image (wandb, torchao, Rust).
+
+The engine is started when none runs (as root, Debian's docker.io, which `make test`
+installs); elsewhere the tests skip and say what was not run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import docker_standin
+import pytest
+from conftest import REPO, VENV_BIN, run_cli
+
+from backends import docker_backend
+
+pytestmark = pytest.mark.first  # the image build is long: start it before the rest
+LABEL = docker_backend.STAGE_LABEL
+
+
+@pytest.fixture(scope="module")
+def image():
+    """(client, tag, build args): the test image, built through the backend's own path."""
+    client = docker_standin.engine()
+    args = docker_standin.build_args(client)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(docker_backend.BUILD_ARGS_ENV, args)
+        tag = docker_backend.image_tag()
+        docker_backend.ensure_image(client, tag)
+    yield client, tag, args
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def smoke(image, tmp_path_factory):
+    """`make download tokenizer pretrain PRESET=smoke BACKEND=docker` into a fresh BASE_DIR,
+    once (the stages that make a model to serve; tests/test_readme.py runs the whole smoke
+    speedrun locally, the same commands)."""
+    client, _, args = image
+    base = tmp_path_factory.mktemp("docker") / "base"
+    before = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
+    result = run_cli(
+        ["make", "download", "tokenizer", "pretrain", "PRESET=smoke", "BACKEND=docker"]
+        + [f"BASE_DIR={base}"],
+        env={docker_backend.BUILD_ARGS_ENV: args},
+        timeout=1200,
+    )
+    after = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
+    return base, result, after - before
+
+
+def test_stages_run_in_containers_and_leave_the_callers_files(smoke):
+    base, result, left_over = smoke
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("download", "tokenizer", "pretrain"):
+        assert f"[nanochat] docker: {stage} in nanochat:" in result.stderr
+    report = base / "report" / "pretrain.md"
+    checkpoints = list(base.rglob("model_*.pt"))
+    assert report.is_file() and checkpoints
+    # Written by the container as the caller (its uid:gid), never as root behind our back.
+    for path in (report, base / "tokenizer" / "tokenizer.json", *checkpoints):
+        assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid()), path
+    assert not left_over  # every container was removed
+
+
+def test_a_bad_flag_fails_inside_the_container_with_one_line(image, tmp_path):
+    _, _, args = image
+    result = run_cli(
+        ["make", "pretrain", "PRESET=smoke", "BACKEND=docker", f"BASE_DIR={tmp_path / 'b'}"]
+        + ["ARGS=--no-such-flag"],
+        env={docker_backend.BUILD_ARGS_ENV: args},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    output = result.stdout + result.stderr  # the container's output arrives on stdout
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--no-such-flag" in errors[0], output[-2000:]
+    assert not (tmp_path / "b" / "base_checkpoints").exists()
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status
+
+
+def test_chat_web_answers_the_openai_client_and_ctrl_c_removes_it(image, smoke):
+    from openai import OpenAI
+
+    client, _, args = image
+    base, result, _ = smoke
+    assert result.returncode == 0, "the smoke stages failed (see their test)"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env["PATH"] = VENV_BIN + os.pathsep + env["PATH"]
+    env[docker_backend.BUILD_ARGS_ENV] = args
+    server = subprocess.Popen(
+        ["make", "chat-web", "PRESET=smoke", "BACKEND=docker", f"BASE_DIR={base}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group: SIGINT below is a terminal's Ctrl-C
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                if _get("http://127.0.0.1:8000/health") == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "chat-web did not come up in 180 s"
+            time.sleep(1)
+        api = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0)
+        reply = api.chat.completions.create(
+            model="nanochat", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert reply.choices and reply.choices[0].message.role == "assistant"
+        assert reply.usage.completion_tokens >= 1
+        # The container: the image, the caller's uid, published on 127.0.0.1 only, and no
+        # GPU request on a machine without GPUs (`--gpus all` fails there).
+        (container,) = client.containers.list(filters={"label": f"{LABEL}=chat-web"})
+        host = container.attrs["HostConfig"]
+        assert container.attrs["Config"]["Image"].startswith("nanochat:")
+        assert container.attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
+        assert host["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8000"}]}
+        assert not host.get("DeviceRequests")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)
+        try:
+            out, _ = server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            out, _ = server.communicate()
+    assert server.returncode != 0  # stopped by Ctrl-C, and make says so
+    assert "[nanochat] docker: stopping nanochat-chat-web-" in out, out[-3000:]
+    assert not client.containers.list(all=True, filters={"label": f"{LABEL}=chat-web"})
+
+
+def test_the_image_has_what_the_readme_promises(image):
+    client, tag, _ = image
+    probe = (
+        "import os, shutil, wandb, torchao.float8, tiktoken, rustbpe, torch; "
+        "print(torch.__version__, shutil.which('cargo') is not None, "
+        "os.environ.get('OMP_NUM_THREADS'), os.environ['NANOCHAT_BASE_DIR'])"
+    )
+    out = client.containers.run(tag, ["python", "-c", probe], remove=True).decode()
+    version, cargo, threads, base = out.split()
+    assert version.startswith(docker_standin.locked_torch()[0])
+    assert (cargo, threads, base) == ("True", "None", "/data/nanochat")
