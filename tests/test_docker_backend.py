@@ -265,6 +265,10 @@ def test_dockerignore_subset():
         "__pycache__/x.pyc",
         "nanochat.egg-info/PKG-INFO",
         "test-artifacts/run/log",
+        ".devdeps/bin/tool",  # what Modal would otherwise upload with the context
+        "wandb/run-1/files/output.log",
+        ".env.local",
+        ".env.production",
     ]
     kept = ["nanochat/common.py", "docker/Dockerfile", "uv.lock", "docs/.env.example", "x.envy"]
     assert [p for p in ignored if not docker_backend.is_ignored(p, rules)] == []
@@ -313,6 +317,63 @@ def test_image_tag_follows_the_build_inputs_only(tmp_path):
     assert docker_backend.image_tag(repo) not in seen
     (repo / "scripts" / "train.py").unlink()  # deleted but still tracked: no crash
     assert docker_backend.image_tag(repo) not in seen
+
+
+def test_the_tag_follows_the_context_not_gits_ignore_rules(tmp_path):
+    """The engine (and Modal) send what .dockerignore leaves in, whatever .gitignore says:
+    a file git ignores but the context holds must change the tag, since it changes the
+    image; one both ignore must not."""
+    repo = make_repo(tmp_path / "repo")
+    (repo / ".gitignore").write_text("notes/\n.devdeps/\n")
+    tag = docker_backend.image_tag(repo)
+    (repo / "notes").mkdir()
+    (repo / "notes" / "todo.txt").write_text("in the context, ignored by git")
+    assert "notes/todo.txt" in docker_backend.build_inputs(repo)
+    assert docker_backend.image_tag(repo) != tag
+    (repo / "notes" / "todo.txt").unlink()
+    (repo / ".devdeps").mkdir()
+    (repo / ".devdeps" / "tool").write_text("ignored by both")
+    assert docker_backend.image_tag(repo) == tag
+
+
+def test_build_args_change_the_tag_and_reach_the_build(tmp_path, monkeypatch):
+    repo = make_repo(tmp_path / "repo")
+    plain = docker_backend.image_tag(repo)
+    monkeypatch.setenv(
+        docker_backend.BUILD_ARGS_ENV, "BASE_IMAGE=mirror/cuda:13 SYNC_FLAGS='-a -b'"
+    )
+    assert docker_backend.build_args() == {"BASE_IMAGE": "mirror/cuda:13", "SYNC_FLAGS": "-a -b"}
+    assert docker_backend.image_tag(repo) != plain  # another base is another image
+    argv = docker_backend.build_argv("nanochat:x", repo)
+    assert argv[argv.index("--build-arg") : argv.index("-t")] == [
+        "--build-arg",
+        "BASE_IMAGE=mirror/cuda:13",
+        "--build-arg",
+        "SYNC_FLAGS=-a -b",
+    ]
+    for bad, message in (("BASE_IMAGE", "takes KEY=VALUE words"), ("A='x", "cannot be split")):
+        monkeypatch.setenv(docker_backend.BUILD_ARGS_ENV, bad)
+        with pytest.raises(UsageError, match=message):
+            docker_backend.build_args()
+
+
+def test_chat_cli_without_a_terminal_or_a_prompt_is_refused_before_anything(tmp_path, monkeypatch):
+    """A container without a keyboard would hand the REPL an empty stdin: one line, exit 2,
+    before the engine is even asked; from a terminal it runs as docker run -it."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    the_plan = plan(
+        "chat-cli", backend="docker", preset="tiny", dry_run=True, base_dir=str(tmp_path)
+    )
+    with pytest.raises(UsageError, match="reads your keyboard and this is no terminal"):
+        docker_backend.execute(the_plan, client=object())  # no engine call happens
+    assert "-it nanochat:" in docker_backend.describe(the_plan)
+    prompted = plan(
+        "chat-cli", backend="docker", preset="tiny", dry_run=True, base_dir=str(tmp_path),
+        args="-p Hello",
+    )  # fmt: skip
+    assert " -it " not in docker_backend.describe(prompted)
 
 
 def test_image_tag_without_git_matches_the_checkout(tmp_path):
