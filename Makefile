@@ -8,7 +8,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # What the venv needs: launching on docker or Modal needs only their SDK (never torch);
-# running stages here needs the training stack, and the tests need everything.
+# running stages here needs the training stack, and the tests need everything (test, lint
+# and bench always install the full set, whatever BACKEND or EXTRAS the shell exports).
 ifeq ($(BACKEND),modal)
 EXTRAS ?= modal
 else ifeq ($(BACKEND),docker)
@@ -85,8 +86,10 @@ volume-get: $(call stamp_for,modal)
 lock: $(FULL_STAMP)
 	@$(VENV)/bin/invoke lock
 
-test: $(STAMP) browser docker-engine
-	@$(VENV)/bin/invoke test $(if $(ARGS),--args=$(call quote,$(ARGS)))
+# ARGS reaches pytest only from the command line (make test ARGS='-k tokenizer'): an ARGS the
+# shell exports for the stages is no pytest flag.
+test: $(FULL_STAMP) browser docker-engine
+	@$(VENV)/bin/invoke test $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(ARGS)))
 
 # The web page is tested in a real browser: Debian's chromium, installed when missing
 # (apt-get, as root or through sudo). Elsewhere the browser test says why it did not run.
@@ -112,13 +115,13 @@ docker-engine:
 	      docker.io debootstrap >/dev/null || echo "[nanochat] could not install them: the docker test will say so"; \
 	  else echo "[nanochat] no apt-get: install Docker and debootstrap to run the docker test"; fi; }
 
-lint: $(STAMP)
+lint: $(FULL_STAMP)
 	@$(VENV)/bin/invoke lint
 
-bench: $(STAMP)
+bench: $(FULL_STAMP)
 	@$(VENV)/bin/invoke bench $(if $(ARGS),--args=$(call quote,$(ARGS)))
 
-bench-engine: $(STAMP)
+bench-engine: $(FULL_STAMP)
 	@$(VENV)/bin/invoke bench-engine $(if $(ARGS),--args=$(call quote,$(ARGS)))
 
 Makefile pyproject.toml: ;

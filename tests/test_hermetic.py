@@ -41,3 +41,16 @@ def test_a_users_exported_knobs_and_base_dir_are_never_touched(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     assert "1 passed" in result.stdout
     assert sorted(p.name for p in users_base.iterdir()) == ["precious.txt"]
+
+
+def test_make_test_ignores_exported_stage_knobs():
+    """`make test` itself: a BACKEND/EXTRAS the shell exports does not shrink the install
+    to the launcher's, and an exported ARGS (meant for the stages) is no pytest flag."""
+    exported = {"BACKEND": "modal", "EXTRAS": "modal", "ARGS": "--no-such-pytest-flag"}
+    result = run_cli(["make", "-n", "--no-print-directory", "test"], env=exported)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "invoke test" in line]
+    assert "--no-such-pytest-flag" not in line
+    assert ".installed-modal" not in result.stdout
+    given = run_cli(["make", "-n", "--no-print-directory", "test", "ARGS=-k tokenizer"])
+    assert "--args='-k tokenizer'" in given.stdout
