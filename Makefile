@@ -119,10 +119,10 @@ lint: $(FULL_STAMP)
 	@$(VENV)/bin/invoke lint
 
 bench: $(FULL_STAMP)
-	@$(VENV)/bin/invoke bench $(if $(ARGS),--args=$(call quote,$(ARGS)))
+	@$(VENV)/bin/invoke bench $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(ARGS)))
 
 bench-engine: $(FULL_STAMP)
-	@$(VENV)/bin/invoke bench-engine $(if $(ARGS),--args=$(call quote,$(ARGS)))
+	@$(VENV)/bin/invoke bench-engine $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(ARGS)))
 
 Makefile pyproject.toml: ;
 

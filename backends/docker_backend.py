@@ -377,7 +377,7 @@ def describe(plan: Plan) -> str:
     """What a dry run prints: how the image is built, then the equivalent ``docker run``."""
     tag = image_tag()
     spec = container_spec(plan, tag, local.visible_gpus() > 0, load_secrets())
-    build = "DOCKER_BUILDKIT=1 " + shlex.join(build_argv(tag))
+    build = f"DOCKER_BUILDKIT={int(_has_buildx())} " + shlex.join(build_argv(tag))
     run = shlex.join(cli_argv(spec, interactive=plan.stage.reads_keyboard(plan.command.argv)))
     return f"# image {tag} is built first when missing: {build}\n{run}"
 
@@ -530,7 +530,7 @@ def shell(base_dir: Path) -> int:
     Runs the ``docker run -it`` CLI (the SDK cannot drive an interactive terminal well).
     """
     client = connect()
-    if not (sys.stdin is not None and sys.stdin.isatty()):
+    if not _at_terminal():
         raise UsageError("the docker shell is interactive: run it from a terminal")
     tag = image_tag()
     ensure_image(client, tag)

@@ -350,14 +350,19 @@ def _join(pending: list, results: list[dict]) -> bool:
 
 
 def orchestrate(
-    steps: list[dict], call=call_stage, spawn=spawn_stage, base: Path | None = None
+    steps: list[dict],
+    call=call_stage,
+    spawn=spawn_stage,
+    base: Path | None = None,
+    stopped=lambda: False,
 ) -> list[dict]:
     """Run speedrun steps in order: skip complete ones unless forced, stop at the first
     failure. Each step (backends/modal_backend.py speedrun_steps): {"stage", "label",
     "knobs", "gpu", "done" (marker under BASE_DIR or None), "force" (run even when
     complete), "env" (added to the stage's command; NANOCHAT_RESUME=never becomes
     since:<now>, so a retry resumes the forced attempt), "background" (start it and go on),
-    "wait" (join the background calls first)}."""
+    "wait" (join the background calls first)}. ``stopped()`` true (the lease was lost to
+    another orchestrator) ends the run before the next step."""
     base = base or Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
     results: list[dict] = []
     pending: list = []  # (step, call handle) of background steps
@@ -365,6 +370,11 @@ def orchestrate(
     for step in steps:
         stage = STAGES_BY_NAME[step["stage"]]
         label = step.get("label") or stage.name
+        if stopped():
+            print(f"[nanochat] speedrun: stopping before {label}: the lease was lost")
+            results.append({"stage": stage.name, "exit_code": 1})
+            failed = True
+            break
         if step.get("wait") and pending and not _join(pending, results):
             failed = True
             break
@@ -376,7 +386,8 @@ def orchestrate(
             # A forced training stage starts over, but Modal's retry of it (a preemption)
             # must continue what this attempt saved: only checkpoints from now on count.
             env[RESUME_ENV] = f"since:{time.time():.0f}"
-        knobs = {**step["knobs"], "env": env} if env else step["knobs"]
+        # The step's env (FORCE's resume mode) on top of what the payload carries (threads).
+        knobs = {**step["knobs"], "env": {**(step["knobs"].get("env") or {}), **env}}
         if step.get("background"):
             print(f"[nanochat] speedrun: {label} on {step['gpu'] or 'CPU'}, in the background")
             pending.append((step, spawn(stage, knobs, step["gpu"])))
@@ -443,6 +454,7 @@ class SpeedrunLease:
         self.store, self.owner, self.clock, self.lease_s = store, owner, clock, lease_s
         self.since = clock()
         self.stopped = threading.Event()
+        self.lost = threading.Event()  # another orchestrator holds it now: stop
 
     def _record(self) -> dict:
         return {"owner": self.owner, "since": self.since, "expires": self.clock() + self.lease_s}
@@ -468,6 +480,10 @@ class SpeedrunLease:
             while not self.stopped.wait(every_s):
                 try:
                     self.renew()
+                except SpeedrunBusy as exc:
+                    print(f"[nanochat] speedrun: {exc}; this one stops before its next stage")
+                    self.lost.set()
+                    return
                 except Exception as exc:  # a hiccup of the Dict service: try again later
                     print(f"[nanochat] speedrun: could not renew the lease: {exc}")
 
@@ -521,7 +537,7 @@ def run_orchestrator(steps: list[dict], lease: SpeedrunLease, **orchestrate_opti
     try:
         base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
         link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
-        results = orchestrate(steps, base=base, **orchestrate_options)
+        results = orchestrate(steps, base=base, stopped=lease.lost.is_set, **orchestrate_options)
         if not modal.is_local():
             for vol in volumes.values():
                 vol.reload()  # the report stage's commit
@@ -537,10 +553,14 @@ WEB_PORT = CHAT_WEB.web_port
 
 
 def web_command(knobs: dict, base: Path) -> command.StageCommand:
-    """chat-web's command, listening on all interfaces of the container for Modal's proxy."""
+    """chat-web's command, listening on all interfaces of the container for Modal's proxy,
+    with the threads the dry run printed (knobs["env"])."""
     extra = f"--host=0.0.0.0 --port={WEB_PORT}"
     knobs = {**knobs, "args": f"{knobs.get('args') or ''} {extra}".strip()}
-    return command.build(CHAT_WEB, str(knobs.get("preset") or "tiny"), knobs, 1, base, 1)
+    threads = remote_threads(CHAT_WEB, remote_gpu(CHAT_WEB, knobs.get("gpu")), 1)
+    cmd = command.build(CHAT_WEB, str(knobs.get("preset") or "tiny"), knobs, 1, base, threads)
+    cmd.env.update({str(k): str(v) for k, v in (knobs.get("env") or {}).items()})
+    return cmd
 
 
 def _secret(name: str) -> str | None:

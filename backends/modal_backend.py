@@ -162,10 +162,8 @@ def execute(plan) -> int:
     print(f"# estimate: {estimate(plan).line()}", file=sys.stderr)
     with modal.enable_output(), modal_app.app.run(detach=plan.detach):
         _follow_hint(modal_app.app)
-        fn, on_cpu = modal_app.function_for(plan.stage, plan.remote_gpu)
         if plan.detach:
-            args = (plan.stage.name, knobs) if on_cpu else (knobs,)
-            call = fn.spawn(*args)
+            call = modal_app.spawn_stage(plan.stage, knobs, plan.remote_gpu)
             print(
                 f"[nanochat] modal: detached: {plan.stage.name} runs on (call {call.object_id})",
                 file=sys.stderr,
@@ -192,7 +190,7 @@ def speedrun_steps(plans) -> list[dict]:
             "gpu": p.remote_gpu,
             "done": p.done_path,
             "force": p.force,
-            "env": {k: v for k, v in p.command.env.items() if k in (RESUME_ENV, *CARRIED_ENV)},
+            "env": {k: v for k, v in p.command.env.items() if k == RESUME_ENV},
             "background": p.background,
             "wait": p.wait,
         }

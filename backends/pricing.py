@@ -56,6 +56,9 @@ MEMORY_PRICE = 0.008  # USD per GiB-hour
 # scripts.bench_train, docs/benchmarks.md (2026-11-24).
 MEASURED_H100_TOKENS_PER_S = {12: 483_914, 20: 143_048}
 MEASURED_VOCAB, MEASURED_SEQ = 32768, 2048
+# One CPU thread: 3,044 tokens/s on 2 threads of an AMD EPYC at d4, vocab 4,096, context
+# 256 (fp32, docs/benchmarks.md, 2026-11-24): (depth, vocab, context, tokens/s per thread).
+MEASURED_CPU_THREAD = (4, 4096, 256, 3044 / 2)
 FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26 on H100 (DESIGN B.4)
 TRAINING_OVERHEAD = 1.1  # val bpb / CORE / samples during training, checkpoints, start-up
 
@@ -159,18 +162,40 @@ def h100_tokens_per_s(depth: int, vocab: int, seq_len: int) -> float:
     return measured_flops / dial.flops_per_token(depth, vocab, seq_len)
 
 
-def pretrain_hours(argv: list[str], gpu: str) -> tuple[float, str]:
-    """Hours of the pretraining command ``argv`` (its script flags) on ``gpu``, and how."""
+def _count(n: float) -> str:
+    """5.22B, 1.3M, 143K, 950: a count as a person reads it."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:,.2f}{unit}" if unit != "K" else f"{n / size:,.0f}{unit}"
+    return f"{n:,.0f}"
+
+
+def cpu_tokens_per_s(depth: int, vocab: int, seq_len: int, cores: int) -> float:
+    """A CPU container's training tokens/s: the measured per-thread figure, scaled by FLOPs
+    per token and the cores (each process's threads share them out)."""
+    m_depth, m_vocab, m_seq, per_thread = MEASURED_CPU_THREAD
+    flops = dial.flops_per_token(m_depth, m_vocab, m_seq) / dial.flops_per_token(
+        depth, vocab, seq_len
+    )
+    return per_thread * cores * flops
+
+
+def pretrain_hours(argv: list[str], gpu: str | None, cores: int) -> tuple[float, str]:
+    """Hours of the pretraining command ``argv`` (its script flags) on ``gpu`` (None: a CPU
+    container of ``cores``), and how they were derived."""
     from scripts.base_train import planned
 
-    count = gpu_count(gpu)
+    count = gpu_count(gpu) or 1
     the_dial = planned(argv, count, dial.DEFAULT_VOCAB)
     fp8 = "--fp8" in argv
-    speed = h100_tokens_per_s(the_dial.depth, the_dial.vocab_size, the_dial.seq_len)
-    speed *= (FP8_SPEEDUP if fp8 else 1.0) * _throughput(gpu)
+    if gpu is None:
+        speed = cpu_tokens_per_s(the_dial.depth, the_dial.vocab_size, the_dial.seq_len, cores)
+    else:
+        speed = h100_tokens_per_s(the_dial.depth, the_dial.vocab_size, the_dial.seq_len)
+        speed *= (FP8_SPEEDUP if fp8 else 1.0) * _throughput(gpu)
     hours = the_dial.tokens / speed / 3600 * TRAINING_OVERHEAD
     how = (
-        f"{the_dial.tokens / 1e9:.2f}B tokens at ~{speed / 1e3:,.0f}K tokens/s"
+        f"{_count(the_dial.tokens)} tokens at ~{_count(speed)} tokens/s"
         f"{', fp8' if fp8 else ''}, from docs/benchmarks.md"
     )
     return hours, how
@@ -183,16 +208,18 @@ def estimate(
     reference_gpu: str | None,
     argv: list[str] | None = None,
 ) -> Estimate:
-    """Hours and cost of one stage on ``gpu``: derived for pretraining on GPUs (``argv``:
-    its script flags), else scaled from the preset's reference GPUs."""
+    """Hours and cost of one stage on ``gpu``: measured hours where the table has them
+    (tiny), derived for pretraining elsewhere (``argv``: its script flags; GPUs or CPU),
+    else scaled from the preset's reference GPUs."""
     cores = remote_resources(stage, gpu)[0]
-    if stage.name == "pretrain" and gpu is not None and argv is not None:
+    table = EXPECTED_HOURS.get(preset, EXPECTED_HOURS["speedrun"])
+    measured = preset in EXPECTED_HOURS and stage.name in table and gpu is None
+    if stage.name == "pretrain" and argv is not None and not measured:
         try:
-            hours, how = pretrain_hours(argv, gpu)
+            hours, how = pretrain_hours(argv, gpu, cores)
             return Estimate(stage.name, gpu, hours, hours * hourly_cost(gpu, stage), cores, how)
         except UsageError:  # a batch that does not divide: the dry run says so itself
             pass
-    table = EXPECTED_HOURS.get(preset, EXPECTED_HOURS["speedrun"])
     hours = table.get(stage.name, 0.25)
     reference = _throughput(reference_gpu)
     actual = _throughput(gpu)

@@ -28,28 +28,31 @@ def _smi(*args: str) -> str | None:
     return done.stdout
 
 
+def visible_ids() -> list[str] | None:
+    """The device ids CUDA_VISIBLE_DEVICES names, or None when it is not set (all of them).
+    As CUDA reads it, an invalid entry (-1) hides itself and every entry after it."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return None
+    ids = []
+    for entry in (d.strip() for d in mask.split(",")):
+        if not entry or entry == "-1":
+            break
+        ids.append(entry)
+    return ids
+
+
 def visible_gpus() -> int:
     """How many NVIDIA GPUs this process may use: what ``nvidia-smi -L`` lists, narrowed
     by CUDA_VISIBLE_DEVICES ("" or "-1": none). No nvidia-smi means no GPU."""
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = None
-    if mask is not None:
-        ids = [d for d in mask.split(",") if d.strip()]
-        if not ids or ids[0].strip() == "-1":
-            return 0
+    ids = visible_ids()
+    if ids == []:
+        return 0
     out = _smi("-L")
     if out is None:
         return 0
     count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
     return min(count, len(ids)) if ids is not None else count
-
-
-def visible_ids() -> list[str] | None:
-    """The device ids CUDA_VISIBLE_DEVICES names, or None when it is not set (all of them)."""
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if mask is None:
-        return None
-    return [d.strip() for d in mask.split(",") if d.strip() and d.strip() != "-1"]
 
 
 def driver_version() -> str | None:

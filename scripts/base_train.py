@@ -290,9 +290,12 @@ def wandb_logged_in() -> bool:
 
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         return True
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     try:
         path = os.environ.get("NETRC") or str(Path("~/.netrc").expanduser())
-        return netrc.netrc(path).authenticators("api.wandb.ai") is not None
+        return netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 

@@ -183,12 +183,15 @@ def test_secrets_reach_the_container_but_are_never_printed(tmp_path, monkeypatch
 # --- describe (the dry run) ----------------------------------------------------------------
 
 
-def test_describe_names_the_build_then_the_run(tmp_path):
+@pytest.mark.parametrize("buildx", [True, False])
+def test_describe_names_the_build_then_the_run(tmp_path, monkeypatch, buildx):
+    """BuildKit where the CLI has buildx, else the classic builder: the line says which."""
+    monkeypatch.setattr(docker_backend, "_has_buildx", lambda: buildx)
     the_plan = docker_plan(tmp_path)
     first, second = docker_backend.describe(the_plan).splitlines()
     tag = docker_backend.image_tag()
     assert first == (
-        f"# image {tag} is built first when missing: DOCKER_BUILDKIT=1 docker build "
+        f"# image {tag} is built first when missing: DOCKER_BUILDKIT={int(buildx)} docker build "
         f"-f docker/Dockerfile -t {tag} {shlex.quote(str(REPO))}"
     )
     argv = shlex.split(second)

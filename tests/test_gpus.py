@@ -46,6 +46,8 @@ def test_count_and_driver_follow_nvidia_smi_and_the_mask(two_gpus, monkeypatch):
     assert (gpus.visible_gpus(), gpus.visible_ids()) == (1, ["1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpus.visible_gpus() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")  # CUDA stops at the invalid entry
+    assert (gpus.visible_gpus(), gpus.visible_ids()) == (1, ["0"])
 
 
 def test_the_reason_names_the_driver_and_the_cuda_the_wheel_needs(two_gpus):

@@ -261,11 +261,11 @@ def test_speedrun_steps_carry_force_env_and_the_background_download(base_dir):
     steps = {s["label"]: s for s in modal_backend.speedrun_steps(plans)}
     assert json.loads(json.dumps(steps)) == steps  # plain JSON for the remote call
     sft = steps["sft SOURCE=mid"]
-    threads = {"OMP_NUM_THREADS": "4"}  # tiny on a CPU container of 4 cores, 1 process
-    assert sft["force"] and sft["env"] == {"NANOCHAT_RESUME": "never", **threads}
-    assert steps["chat-eval SOURCE=sft"]["force"]
-    assert steps["chat-eval SOURCE=sft"]["env"] == threads
-    assert not steps["midtrain"]["force"] and steps["midtrain"]["env"] == threads
+    assert sft["force"] and sft["env"] == {"NANOCHAT_RESUME": "never"}
+    assert steps["chat-eval SOURCE=sft"]["force"] and steps["chat-eval SOURCE=sft"]["env"] == {}
+    assert not steps["midtrain"]["force"] and steps["midtrain"]["env"] == {}
+    # The threads the dry run printed travel in the knobs (tiny: a 4-core CPU container).
+    assert sft["knobs"]["env"] == {"OMP_NUM_THREADS": "4"}
     assert steps["chat-eval SOURCE=mid"]["knobs"]["source"] == "mid"
     assert steps["chat-eval SOURCE=mid"]["done"] == "report/chat-eval-mid.md"
     # In the container the forced entry starts over; a plain one resumes.
@@ -283,6 +283,11 @@ def test_speedrun_steps_carry_force_env_and_the_background_download(base_dir):
     before = time.time()
     modal_app.orchestrate([sft], call=record, base=base_dir)
     assert seen[0].startswith("since:") and float(seen[0][6:]) >= int(before)
+    threads = []
+    modal_app.orchestrate(
+        [sft], call=lambda s, k, g: threads.append(k["env"]) or {"exit_code": 0}, base=base_dir
+    )
+    assert threads[0]["OMP_NUM_THREADS"] == "4"  # merged, not replaced by the step's env
     assert modal_app.remote_command(stage, sft["knobs"], base_dir).env["NANOCHAT_RESUME"] == "auto"
     split = modal_backend.speedrun_steps(
         speedrun_plans(backend="modal", preset="speedrun", dry_run=True)
@@ -493,6 +498,13 @@ def test_chat_web_function_follows_the_knobs_and_is_never_open(knobs, key, gpu, 
     assert found["orchestrator_nonpreemptible"] is True
 
 
+def test_chat_web_runs_with_the_threads_its_dry_run_prints(base_dir):
+    the_plan = plan("chat-web", preset="tiny", backend="modal", dry_run=True)
+    cmd = modal_app.web_command(modal_backend.payload(the_plan), base_dir)
+    assert cmd.env["OMP_NUM_THREADS"] == the_plan.command.env["OMP_NUM_THREADS"] == "4"
+    assert cmd.argv[-2:] == ["--host=0.0.0.0", "--port=8000"]
+
+
 def test_chat_web_dry_run_shows_the_container_port_and_auth(capsys):
     text = modal_backend.describe(plan("chat-web", preset="tiny", backend="modal", dry_run=True))
     assert "function chat_web: no GPU (CPU container), 4 cores, 8 GiB" in text
@@ -597,6 +609,24 @@ def test_one_orchestrator_holds_the_lease_and_a_dead_ones_lapses():
     assert store.get(modal_app.LOCK_KEY)["owner"] == "fc-second"
     second.release()
     assert store.get(modal_app.LOCK_KEY) is None
+
+
+def test_an_orchestrator_that_lost_its_lease_stops_before_the_next_stage(base_dir, volume_root):
+    store, now = StandInDict(), [1000.0]
+    lease = modal_app.SpeedrunLease(store, "fc-first", clock=lambda: now[0])
+    lease.acquire()
+    now[0] += modal_app.LEASE_S + 1  # it stalled; another took the volumes over
+    modal_app.SpeedrunLease(store, "fc-second", clock=lambda: now[0]).acquire()
+    lease.keep_renewing(every_s=0.01).join(timeout=5)
+    assert lease.lost.is_set()
+    called = []
+    results = modal_app.orchestrate(
+        [{"stage": "report", "knobs": {}, "gpu": None}],
+        call=lambda *a: called.append(a),
+        base=base_dir,
+        stopped=lease.lost.is_set,
+    )
+    assert called == [] and results == [{"stage": "report", "exit_code": 1}]
 
 
 def test_a_busy_orchestrator_runs_nothing(base_dir, volume_root):
