@@ -170,3 +170,23 @@ def build_args(client) -> str:
     _, skip = locked_torch()
     flags = " ".join(["--inexact", *(f"--no-install-package {name}" for name in skip)])
     return f"BASE_IMAGE={standin_base(client)} SYNC_FLAGS='{flags}'"
+
+
+def prune_old_test_images(client, keep: set[str]) -> None:
+    """Remove the test images of earlier runs (each source change tags a new one; their
+    shared layers stay, so the next build is quick), and stand-in bases of older recipes.
+    A test image is one whose environment carries the stand-in's CA path: a real image
+    never does, so a user's own images are left alone."""
+    import docker
+
+    marker = f"SSL_CERT_FILE={CA_IN_IMAGE}"
+    for image in client.images.list():
+        for tag in image.tags:
+            ours = tag.startswith("nanochat-standin:") or (
+                tag.startswith("nanochat:") and marker in (image.attrs["Config"].get("Env") or [])
+            )
+            if ours and tag not in keep:
+                try:
+                    client.images.remove(tag)
+                except docker.errors.APIError:  # in use by a container: next time
+                    pass

@@ -39,6 +39,8 @@ def image():
         patch.setenv(docker_backend.BUILD_ARGS_ENV, args)
         tag = docker_backend.image_tag()
         docker_backend.ensure_image(client, tag)
+    base = args.split()[0].partition("=")[2]
+    docker_standin.prune_old_test_images(client, keep={tag, base})
     yield client, tag, args
     client.close()
 
@@ -162,3 +164,56 @@ def test_the_image_has_what_the_readme_promises(image):
     version, cargo, threads, base = out.split()
     assert version.startswith(docker_standin.locked_torch()[0])
     assert (cargo, threads, base) == ("True", "None", "/data/nanochat")
+
+
+def test_chat_cli_in_a_terminal_is_a_real_repl(image, smoke):
+    """From a terminal, `make chat-cli BACKEND=docker` runs as docker run -it: the REPL
+    reads what is typed and answers, and /quit ends it with 0."""
+    import pty
+    import select
+
+    _, _, args = image
+    base, result, _ = smoke
+    assert result.returncode == 0, "the smoke stages failed (see their test)"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env.update({"PATH": VENV_BIN + os.pathsep + env["PATH"], "TERM": "dumb", "NO_COLOR": "1"})
+    env[docker_backend.BUILD_ARGS_ENV] = args
+    controller, terminal = pty.openpty()
+    session = subprocess.Popen(
+        ["make", "chat-cli", "PRESET=smoke", "BACKEND=docker", f"BASE_DIR={base}"],
+        cwd=REPO,
+        env=env,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    seen = b""
+
+    def read_until(text: bytes, seconds: float) -> None:
+        """Read until ``text`` appears in what arrives from now on."""
+        nonlocal seen
+        start = len(seen)
+        deadline = time.monotonic() + seconds
+        while text not in seen[start:]:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+            ready, _, _ = select.select([controller], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:  # the session ended
+                    break
+
+    try:
+        read_until(b"you> ", 120)
+        os.write(controller, b"Hello there\r")
+        read_until(b"you> ", 60)  # answered, and asking again: a real multi-turn REPL
+        assert seen.count(b"you> ") >= 2
+        os.write(controller, b"/quit\r")
+        assert session.wait(timeout=60) == 0
+    finally:
+        if session.poll() is None:
+            os.killpg(session.pid, signal.SIGKILL)
+            session.wait()
+        os.close(controller)
