@@ -493,9 +493,14 @@ class SpeedrunLease:
 
     def release(self) -> None:
         self.stopped.set()
-        held = self.store.get(LOCK_KEY)
-        if held and held.get("owner") == self.owner:
-            self.store.pop(LOCK_KEY, None)
+        release_lease(self.store, self.owner)
+
+
+def release_lease(store, owner: str) -> None:
+    """Free the lease if ``owner`` holds it (never another orchestrator's)."""
+    held = store.get(LOCK_KEY)
+    if held and held.get("owner") == owner:
+        store.pop(LOCK_KEY, None)
 
 
 def busy_message(held: dict | None, now: float | None = None) -> str:

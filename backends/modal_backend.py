@@ -238,7 +238,14 @@ def run_speedrun(plans) -> int:
             )
             return 0
         # spawn().get(), not .remote(): the result of a .remote() call expires after 24 h.
-        outcome = modal_app.speedrun_remote.spawn(steps).get()
+        call = modal_app.speedrun_remote.spawn(steps)
+        try:
+            outcome = call.get()
+        except KeyboardInterrupt:
+            # Leaving the app stops the orchestrator; free its lease now, so that running
+            # the command again does not wait for the lease to lapse.
+            modal_app.release_lease(modal_app.lock_store(), call.object_id)
+            raise
     if outcome.get("error"):
         raise UsageError(outcome["error"])
     results = outcome["results"]

@@ -663,6 +663,39 @@ def test_the_launcher_refuses_a_second_speedrun_before_starting_anything(monkeyp
     assert started == []
 
 
+def test_ctrl_c_on_the_laptop_frees_the_lease_of_the_run_it_stops(monkeypatch):
+    """Without DETACH, Ctrl-C stops the app and so its orchestrator: the lease goes with it,
+    so the same command can be run again at once."""
+    import contextlib
+    import dataclasses
+
+    store = StandInDict()
+
+    class Call:
+        object_id = "fc-this-run"
+
+        def get(self):
+            modal_app.SpeedrunLease(store, self.object_id).acquire()  # the orchestrator's
+            raise KeyboardInterrupt
+
+    class Orchestrator:
+        def spawn(self, steps):
+            return Call()
+
+    monkeypatch.setattr(modal_app, "lock_store", lambda: store)
+    monkeypatch.setattr(modal_app.app, "run", lambda **kw: contextlib.nullcontext())
+    monkeypatch.setattr(modal_app, "speedrun_remote", Orchestrator())
+    monkeypatch.setattr(modal, "enable_output", contextlib.nullcontext)
+    plans = speedrun_plans(backend="modal", preset="smoke", dry_run=True)
+    plans = [dataclasses.replace(p, dry_run=False) for p in plans]
+    with pytest.raises(KeyboardInterrupt):
+        modal_backend.run_speedrun(plans)
+    assert store.get(modal_app.LOCK_KEY) is None
+    modal_app.SpeedrunLease(store, "fc-other").acquire()
+    modal_app.release_lease(store, "fc-this-run")  # never another run's
+    assert store.get(modal_app.LOCK_KEY)["owner"] == "fc-other"
+
+
 def test_stages_are_waited_for_with_spawn_get_not_remote(monkeypatch):
     """A .remote() call's result expires after 24 h; a long stage with retries outlives it."""
     waited = []
