@@ -469,15 +469,20 @@ def _at_terminal() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
-def _run_interactive(spec: dict, secrets: Mapping[str, str]) -> int:
+def _run_interactive(client, spec: dict, secrets: Mapping[str, str]) -> int:
     """``docker run -it`` (the SDK cannot drive a terminal well): the terminal sends Ctrl-C
-    to the program inside; this process just waits."""
+    to the program inside; this process just waits. A container the CLI leaves behind (the
+    CLI killed, or detached with Ctrl-P Ctrl-Q) is removed when it returns."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         argv = cli_argv(spec, interactive=True)
         return subprocess.run(argv, env={**os.environ, **secrets}).returncode
     finally:
         signal.signal(signal.SIGINT, previous)
+        try:
+            client.containers.get(spec["name"]).remove(force=True)
+        except Exception:  # gone already (--rm): the usual case
+            pass
 
 
 def execute(plan: Plan, client=None) -> int:
@@ -504,7 +509,7 @@ def execute(plan: Plan, client=None) -> int:
     plan.base_dir.mkdir(parents=True, exist_ok=True)
     try:
         if keyboard:
-            return _run_interactive(spec, secrets)
+            return _run_interactive(client, spec, secrets)
         return run_container(client, spec)
     finally:
         if own_client:
@@ -532,20 +537,22 @@ def shell(base_dir: Path) -> int:
     client = connect()
     if not _at_terminal():
         raise UsageError("the docker shell is interactive: run it from a terminal")
-    tag = image_tag()
-    ensure_image(client, tag)
-    client.close()
-    secrets = load_secrets()
-    env = _container_env({BASE_DIR_ENV: str(CONTAINER_BASE_DIR)}, secrets)
-    spec = _spec(tag, ["bash"], env, base_dir, local.visible_gpus() > 0, "shell")
-    base_dir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"[nanochat] docker: bash in {tag}, BASE_DIR {base_dir} at {CONTAINER_BASE_DIR}; "
-        f"{describe_secrets(secrets)}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return _run_interactive(spec, secrets)
+    try:
+        tag = image_tag()
+        ensure_image(client, tag)
+        secrets = load_secrets()
+        env = _container_env({BASE_DIR_ENV: str(CONTAINER_BASE_DIR)}, secrets)
+        spec = _spec(tag, ["bash"], env, base_dir, local.visible_gpus() > 0, "shell")
+        base_dir.mkdir(parents=True, exist_ok=True)
+        print(
+            f"[nanochat] docker: bash in {tag}, BASE_DIR {base_dir} at {CONTAINER_BASE_DIR}; "
+            f"{describe_secrets(secrets)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _run_interactive(client, spec, secrets)
+    finally:
+        client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
