@@ -106,8 +106,8 @@ browser:
 # when none runs) and debootstrap (for a local stand-in of the CUDA base image), installed
 # when missing, like chromium. Elsewhere the docker test says why it did not run.
 docker-engine:
-	@{ command -v dockerd >/dev/null 2>&1 || docker info >/dev/null 2>&1; } \
-	  && command -v debootstrap >/dev/null 2>&1 || { \
+	@{ command -v dockerd >/dev/null 2>&1 || test -x /usr/sbin/dockerd || docker info >/dev/null 2>&1; } \
+	  && { command -v debootstrap >/dev/null 2>&1 || test -x /usr/sbin/debootstrap; } || { \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "[nanochat] installing Debian's docker.io and debootstrap for the docker test (once)"; \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -56,6 +56,14 @@ RUN python3 -m venv /app/.venv \\
 DOCKERD_LOG = Path(tempfile.gettempdir()) / "nanochat-test-dockerd.log"
 
 
+def _tool(name: str) -> str | None:
+    """A system tool, also where a user's PATH may lack /usr/sbin."""
+    found = shutil.which(name)
+    if found is None and os.access(f"/usr/sbin/{name}", os.X_OK):
+        found = f"/usr/sbin/{name}"
+    return found
+
+
 def _skip(reason: str):
     pytest.skip(f"{reason}: the image build and the containers of BACKEND=docker were not run")
 
@@ -76,7 +84,7 @@ def engine():
     client = ping()
     if client is not None:
         return client
-    dockerd = shutil.which("dockerd")
+    dockerd = _tool("dockerd")
     if dockerd is None:
         _skip("no Docker engine answers and dockerd is not installed (apt-get install docker.io)")
     if os.getuid() != 0:
@@ -147,10 +155,13 @@ def standin_base(client) -> str:
     if _has(client, tag):
         return tag
     if not _has(client, ROOTFS_TAG):
-        if shutil.which("debootstrap") is None:
+        debootstrap = _tool("debootstrap")
+        if debootstrap is None:
             _skip("debootstrap is not installed (apt-get install debootstrap)")
+        if os.getuid() != 0:
+            _skip("debootstrap (the stand-in base image) needs root")
         with tempfile.TemporaryDirectory(prefix="nanochat-rootfs-") as rootfs:
-            _run(["debootstrap", "--variant=minbase", SUITE, rootfs, MIRROR], timeout=900)
+            _run([debootstrap, "--variant=minbase", SUITE, rootfs, MIRROR], timeout=900)
             tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
             _run(["docker", "import", "-", ROOTFS_TAG], stdin=tar.stdout, timeout=600)
             tar.wait()
