@@ -46,17 +46,22 @@ def base_dir(tmp_path, monkeypatch):
     return path
 
 
-def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120):
-    """Run a front-end command (make / invoke / python -m) from the repo root."""
-    # Under `make test` the nested make would inherit MAKELEVEL and print "Entering
-    # directory" lines: make each command a top-level one, as a user types it.
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a front-end command as a user types it: the venv's bin/ first,
+    ``env`` on top. Under `make test` a nested make would inherit MAKELEVEL and print
+    "Entering directory" lines: every command is a top-level one."""
     full_env = {
         k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
     }
     full_env["PATH"] = VENV_BIN + os.pathsep + full_env.get("PATH", "")
     full_env.update(env or {})
+    return full_env
+
+
+def run_cli(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120):
+    """Run a front-end command (make / invoke / python -m) from the repo root."""
     return subprocess.run(
-        argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        argv, cwd=REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -22,7 +22,7 @@ import urllib.request
 
 import docker_standin
 import pytest
-from conftest import REPO, VENV_BIN, run_cli
+from conftest import REPO, cli_env, run_cli
 
 from backends import docker_backend
 
@@ -52,15 +52,20 @@ def smoke(image, tmp_path_factory):
     speedrun locally, the same commands)."""
     client, _, args = image
     base = tmp_path_factory.mktemp("docker") / "base"
-    before = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
     result = run_cli(
         ["make", "download", "tokenizer", "pretrain", "PRESET=smoke", "BACKEND=docker"]
         + [f"BASE_DIR={base}"],
         env={docker_backend.BUILD_ARGS_ENV: args},
         timeout=1200,
     )
-    after = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
-    return base, result, after - before
+    # Containers of these stages still there (any with this BASE_DIR mounted; those of other
+    # tests, which pytest may run at the same time, have theirs).
+    left_over = [
+        c.name
+        for c in client.containers.list(all=True, filters={"label": LABEL})
+        if any(m.get("Source") == str(base) for m in c.attrs.get("Mounts", []))
+    ]
+    return base, result, left_over
 
 
 def test_stages_run_in_containers_and_leave_the_callers_files(smoke):
@@ -103,9 +108,7 @@ def test_chat_web_answers_the_openai_client_and_ctrl_c_removes_it(image, smoke):
     client, _, args = image
     base, result, _ = smoke
     assert result.returncode == 0, "the smoke stages failed (see their test)"
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    env["PATH"] = VENV_BIN + os.pathsep + env["PATH"]
-    env[docker_backend.BUILD_ARGS_ENV] = args
+    env = cli_env({docker_backend.BUILD_ARGS_ENV: args})
     server = subprocess.Popen(
         ["make", "chat-web", "PRESET=smoke", "BACKEND=docker", f"BASE_DIR={base}"],
         cwd=REPO,
@@ -175,9 +178,7 @@ def test_chat_cli_in_a_terminal_is_a_real_repl(image, smoke):
     client, _, args = image
     base, result, _ = smoke
     assert result.returncode == 0, "the smoke stages failed (see their test)"
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    env.update({"PATH": VENV_BIN + os.pathsep + env["PATH"], "TERM": "dumb", "NO_COLOR": "1"})
-    env[docker_backend.BUILD_ARGS_ENV] = args
+    env = cli_env({docker_backend.BUILD_ARGS_ENV: args, "TERM": "dumb", "NO_COLOR": "1"})
     controller, terminal = pty.openpty()
     session = subprocess.Popen(
         ["make", "chat-cli", "PRESET=smoke", "BACKEND=docker", f"BASE_DIR={base}"]
