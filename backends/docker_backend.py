@@ -32,6 +32,7 @@ imported when something talks to the engine or builds a container spec.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 import posixpath
@@ -277,6 +278,7 @@ def ensure_image(client, tag: str, repo_root: Path = REPO_ROOT) -> bool:
     return True
 
 
+@functools.cache
 def _has_buildx() -> bool:
     """Whether the docker CLI has BuildKit's buildx plugin (DOCKER_BUILDKIT=1 needs it)."""
     try:
