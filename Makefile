@@ -7,12 +7,17 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
+# Knob values are data, never make code: every user value is read with $(value ...) and
+# is unexported (make would expand a command-line value while exporting it to a recipe), so
+# ARGS='$(shell ...)' reaches the stage as text; the flags carry the knobs to invoke.
+knob = $(value $(1))
+
 # What the venv needs: launching on docker or Modal needs only their SDK (never torch);
 # running stages here needs the training stack, and the tests need everything (test, lint
 # and bench always install the full set, whatever BACKEND or EXTRAS the shell exports).
-ifeq ($(BACKEND),modal)
+ifeq ($(call knob,BACKEND),modal)
 EXTRAS ?= modal
-else ifeq ($(BACKEND),docker)
+else ifeq ($(call knob,BACKEND),docker)
 EXTRAS ?= docker
 endif
 EXTRAS ?= train,dev
@@ -24,7 +29,7 @@ STAMP := $(call stamp_for,$(EXTRAS))
 # `make volume-get PATH=...` names the remote path PATH: keep it, and give the recipes a
 # real search path back.
 ifeq ($(origin PATH),command line)
-REMOTE_PATH := $(PATH)
+REMOTE_PATH := $(value PATH)
 override PATH := $(CURDIR)/$(VENV)/bin:/usr/local/bin:/usr/bin:/bin
 endif
 
@@ -36,22 +41,45 @@ endif
 
 # A knob given on the command line or in the environment becomes an invoke flag:
 # DEPTH=12 -> --depth='12'; DRY_RUN=1 -> --dry-run. Single quotes in values are escaped.
+# A knob given empty on the command line (PRESET=) or a switch that is neither on nor off
+# (RL=maybe) stops here with one line, before anything runs.
 quote = '$(subst ','\'',$(1))'
 spec_var = $(word 1,$(subst =, ,$(1)))
 spec_flag = $(word 2,$(subst =, ,$(1)))
 spec_kind = $(word 3,$(subst =, ,$(1)))
-given = $(and $(filter command line environment override,$(origin $(1))),$(value $(1)))
-knob_flag = $(if $(call given,$(call spec_var,$(1))),$(if $(filter bool,$(call spec_kind,$(1))),$(if $(filter-out 0 false no,$($(call spec_var,$(1)))),$(call spec_flag,$(1))),$(call spec_flag,$(1))=$(call quote,$($(call spec_var,$(1))))))
+KNOB_VARS := $(foreach spec,$(KNOB_SPECS),$(call spec_var,$(spec)))
+unexport $(KNOB_VARS) REMOTE_PATH DEST
+SWITCH_ON := 1 true yes on True Yes On TRUE YES ON
+SWITCH_OFF := 0 false no off False No Off FALSE NO OFF
+given = $(and $(filter command line environment override,$(origin $(1))),$(call knob,$(1)))
+switch = $(if $(filter 1,$(words $(2))),$(if $(filter $(SWITCH_ON),$(2)),on,$(if $(filter $(SWITCH_OFF),$(2)),off)))
+check_switch = $(if $(call switch,$(1),$(call knob,$(1))),,$(error $(1) must be 1 or 0 (on or off), got '$(call knob,$(1))'))
+check_empty = $(if $(and $(filter command line,$(origin $(1))),$(if $(call knob,$(1)),,empty)),$(error $(1) is empty: give it a value, or leave it out for the default))
+knob_flag = $(call check_empty,$(call spec_var,$(1)))$(if $(call given,$(call spec_var,$(1))),$(if $(filter bool,$(call spec_kind,$(1))),$(call check_switch,$(call spec_var,$(1)))$(if $(filter on,$(call switch,,$(call knob,$(call spec_var,$(1))))),$(call spec_flag,$(1))),$(call spec_flag,$(1))=$(call quote,$(call knob,$(call spec_var,$(1))))))
 FLAGS = $(strip $(foreach spec,$(KNOB_SPECS),$(call knob_flag,$(spec))))
+
+# Exit codes: GNU make exits 2 whenever a recipe fails, which would make "it broke" (1) and
+# "killed" (128+N) look like "you typed it wrong" (2). Two things pass the stage's own code
+# through: question mode (-q), in which make exits with a recipe's 1 as its own 1 (recipes
+# marked `+`, here $(EXEC), still run in it), and re-raising a signal that ended the stage
+# on make itself (143 for SIGTERM). Under `make -n` neither applies: it prints, runs nothing.
+ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+EXEC :=
+else
+MAKEFLAGS += --question
+EXEC := +
+endif
+# Run a command; a signal that ended it ends make the same way.
+pass_code = $(1); code=$$?; if [ $$code -gt 128 ] && [ $$code -lt 160 ]; then kill -s $$((code - 128)) $$PPID; fi; exit $$code
 
 # The venv's bin/ first, so `python` and `torchrun` in stage commands are the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup test browser docker-engine lint bench bench-engine lock speedrun docker-build docker-shell volume-ls volume-get \
+.PHONY: help setup test browser docker-engine sandbox lint bench bench-engine lock speedrun docker-build docker-shell volume-ls volume-get \
 	$(STAGES)
 
 help:
-	@$(PYTHON) -m backends.catalog help
+	$(EXEC)@$(PYTHON) -m backends.catalog help
 
 setup: $(STAMP)
 
@@ -61,68 +89,70 @@ setup: $(STAMP)
 # The full install (train,dev) holds every other set, so it satisfies them as they are.
 FULL_STAMP := $(call stamp_for,train$(comma)dev)
 $(VENV)/.installed-%: pyproject.toml
-	@if [ -e $(FULL_STAMP) ] && [ $(FULL_STAMP) -nt pyproject.toml ]; then touch $@; else \
+	$(EXEC)@if [ -e $(FULL_STAMP) ] && [ $(FULL_STAMP) -nt pyproject.toml ]; then touch $@; else \
 	  echo "[nanochat] setting up $(VENV) with extras [$(subst -,$(comma),$*)] (first time: a few minutes)" \
 	  && { test -x $(PY) || $(PYTHON) -m venv $(VENV); } \
 	  && $(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(subst -,$(comma),$*)]' \
 	  && touch $@; fi
 
 $(STAGES) speedrun: $(STAMP)
-	@$(VENV)/bin/invoke $@ $(FLAGS)
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke $@ $(FLAGS))
 
 docker-build: $(call stamp_for,docker)
-	@$(VENV)/bin/invoke docker-build
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke docker-build)
 
 docker-shell: $(call stamp_for,docker)
-	@$(VENV)/bin/invoke docker-shell $(if $(BASE_DIR),--base-dir=$(call quote,$(BASE_DIR)))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke docker-shell $(if $(call knob,BASE_DIR),--base-dir=$(call quote,$(call knob,BASE_DIR))))
 
 volume-ls: $(call stamp_for,modal)
-	@$(VENV)/bin/invoke volume-ls $(if $(REMOTE_PATH),--path=$(call quote,$(REMOTE_PATH)))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke volume-ls $(if $(REMOTE_PATH),--path=$(call quote,$(REMOTE_PATH))))
 
 volume-get: $(call stamp_for,modal)
-	@$(VENV)/bin/invoke volume-get --path=$(call quote,$(REMOTE_PATH)) \
-		$(if $(DEST),--dest=$(call quote,$(DEST)))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke volume-get --path=$(call quote,$(REMOTE_PATH)) \
+		$(if $(call knob,DEST),--dest=$(call quote,$(call knob,DEST))))
 
 lock: $(FULL_STAMP)
-	@$(VENV)/bin/invoke lock
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke lock)
 
 # ARGS reaches pytest only from the command line (make test ARGS='-k tokenizer'): an ARGS the
 # shell exports for the stages is no pytest flag.
-test: $(FULL_STAMP) browser docker-engine
-	@$(VENV)/bin/invoke test $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(ARGS)))
+test: $(FULL_STAMP) browser docker-engine sandbox
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke test $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
 
-# The web page is tested in a real browser: Debian's chromium, installed when missing
-# (apt-get, as root or through sudo). Elsewhere the browser test says why it did not run.
+# Debian packages $(2) for the $(1) test, installed when missing (apt-get, as root or
+# through sudo); without apt-get the test says why it did not run.
+apt_install = if command -v apt-get >/dev/null 2>&1; then \
+	  echo "[nanochat] installing Debian's $(2) for the $(1) test (once)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(2) \
+	    >/dev/null || echo "[nanochat] could not install $(2): the $(1) test will say so"; \
+	else echo "[nanochat] no apt-get: install $(2) to run the $(1) test"; fi
+
+# The web page is tested in a real browser: Debian's chromium.
 browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    echo "[nanochat] installing Debian's chromium for the web page test (once)"; \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium \
-	      >/dev/null || echo "[nanochat] could not install chromium: the browser test will say so"; \
-	  else echo "[nanochat] no apt-get: install Chromium to run the browser test"; fi; }
+	$(EXEC)@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { $(call apt_install,browser,chromium); }
 
 # BACKEND=docker is tested with a real engine: Debian's docker.io (the test starts dockerd
-# when none runs) and debootstrap (for a local stand-in of the CUDA base image), installed
-# when missing, like chromium. Elsewhere the docker test says why it did not run.
+# when none runs) and debootstrap (for a local stand-in of the CUDA base image).
 docker-engine:
-	@{ command -v dockerd >/dev/null 2>&1 || test -x /usr/sbin/dockerd || docker info >/dev/null 2>&1; } \
-	  && { command -v debootstrap >/dev/null 2>&1 || test -x /usr/sbin/debootstrap; } || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    echo "[nanochat] installing Debian's docker.io and debootstrap for the docker test (once)"; \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends \
-	      docker.io debootstrap >/dev/null || echo "[nanochat] could not install them: the docker test will say so"; \
-	  else echo "[nanochat] no apt-get: install Docker and debootstrap to run the docker test"; fi; }
+	$(EXEC)@{ command -v dockerd >/dev/null 2>&1 || test -x /usr/sbin/dockerd || docker info >/dev/null 2>&1; } \
+	  && { command -v debootstrap >/dev/null 2>&1 || test -x /usr/sbin/debootstrap; } \
+	  || { $(call apt_install,docker,docker.io debootstrap); }
+
+# Model-written code (HumanEval) runs in a bubblewrap sandbox where the machine has one
+# (nanochat/sandbox.py); the tests run it under both layers.
+sandbox:
+	$(EXEC)@command -v bwrap >/dev/null 2>&1 || { $(call apt_install,sandbox,bubblewrap); }
 
 lint: $(FULL_STAMP)
-	@$(VENV)/bin/invoke lint
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke lint)
 
 bench: $(FULL_STAMP)
-	@$(VENV)/bin/invoke bench $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(ARGS)))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke bench $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
 
 bench-engine: $(FULL_STAMP)
-	@$(VENV)/bin/invoke bench-engine $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(ARGS)))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke bench-engine $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
 
 Makefile pyproject.toml: ;
 

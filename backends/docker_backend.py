@@ -31,6 +31,7 @@ imported when something talks to the engine or builds a container spec.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from backends import local
@@ -342,6 +343,10 @@ def container_spec(plan: Plan, tag: str, gpus: bool, secrets: dict[str, str]) ->
     port = plan.stage.web_port
     if port:
         argv += ["--host=0.0.0.0", f"--port={port}"]
+        # Published on the host's 127.0.0.1 only: requests name it localhost or 127.0.0.1,
+        # and the server refuses other Host names (DNS rebinding), as it does when local.
+        if not any(a.startswith("--allowed-hosts") for a in argv):
+            argv.append("--allowed-hosts=localhost")
     spec = _spec(tag, argv, env, plan.base_dir, gpus, plan.stage.name)
     if port:
         spec["ports"] = {f"{port}/tcp": ("127.0.0.1", port)}
@@ -401,6 +406,27 @@ def _write_out(chunk: bytes) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def watched(name: str) -> Iterator[None]:
+    """While inside, a watchdog (``backends.docker_watchdog``) stops and removes container
+    ``name`` if this launcher dies without doing so itself; leaving ends it quietly."""
+    read_end, write_end = os.pipe()  # not inherited by other children (PEP 446)
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "backends.docker_watchdog", name, str(STOP_TIMEOUT_S)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            start_new_session=True,  # out of reach of a signal to our group
+        )
+    finally:
+        os.close(read_end)
+    try:
+        yield
+    finally:
+        os.close(write_end)  # the watchdog wakes up, finds the container gone, exits
+
+
 def run_container(client, spec: dict) -> int:
     """Create, start and stream one container to its end; return its exit code.
 
@@ -432,10 +458,12 @@ def run_container(client, spec: dict) -> int:
             act()
 
     # Handlers first: a Ctrl-C from here on can no longer leave a container behind.
+    guard = contextlib.ExitStack()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        guard.enter_context(watched(spec["name"]))
         container = client.containers.create(**spec)
         if not received:
             try:
@@ -462,6 +490,7 @@ def run_container(client, spec: dict) -> int:
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+        guard.close()
     if received and not 0 < code < 128:
         return 128 + received[0]
     return code
@@ -478,7 +507,8 @@ def _run_interactive(client, spec: dict, secrets: Mapping[str, str]) -> int:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         argv = cli_argv(spec, interactive=True)
-        return subprocess.run(argv, env={**os.environ, **secrets}).returncode
+        with watched(spec["name"]):
+            return subprocess.run(argv, env={**os.environ, **secrets}).returncode
     finally:
         signal.signal(signal.SIGINT, previous)
         try:

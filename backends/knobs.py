@@ -68,6 +68,21 @@ def parse_positive_int(knob: Knob, raw: str | int) -> int:
     return int(text)
 
 
+SWITCH_ON = ("1", "true", "yes", "on")
+SWITCH_OFF = ("0", "false", "no", "off", "")
+
+
+def parse_switch(knob: Knob, raw: object) -> bool:
+    """A switch knob: True/False as invoke passes them, or 1/0, true/false, yes/no, on/off
+    (the Makefile accepts the same words); anything else is refused, never taken as on."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in SWITCH_ON or text in SWITCH_OFF:
+        return text in SWITCH_ON
+    raise UsageError(f"{knob.make_var} must be 1 or 0 (on or off), got {raw!r}")
+
+
 def check_raw(values: dict[str, object]) -> dict[str, object]:
     """Type-check user-given knob values (None = not given). Returns the parsed values."""
     parsed: dict[str, object] = {}
@@ -75,12 +90,14 @@ def check_raw(values: dict[str, object]) -> dict[str, object]:
         knob = KNOBS_BY_NAME.get(name)
         if knob is None:
             raise UsageError(f"unknown knob {name!r}; knobs: {', '.join(KNOBS_BY_NAME)}")
-        if raw is None or raw == "" or raw is False:  # not given (invoke's default for bools)
+        if raw is None or raw is False:  # not given (invoke's default for bools)
             continue
+        if knob.kind != "bool" and str(raw).strip() == "":
+            raise UsageError(f"{knob.make_var} is empty: give it a value, or leave it out")
         if knob.kind == "int":
             parsed[name] = parse_positive_int(knob, raw)
         elif knob.kind == "bool":
-            parsed[name] = bool(raw) and str(raw).lower() not in ("0", "false", "no")
+            parsed[name] = parse_switch(knob, raw)
         else:
             parsed[name] = str(raw)
     if "backend" in parsed and parsed["backend"] not in BACKENDS:

@@ -431,7 +431,12 @@ class BackgroundRun:
         argv = [sys.executable, "-m", "backends.launch", the_plan.stage.name, json.dumps(knobs)]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=local.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+                argv,
+                cwd=local.REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=local.tied_to_us(),  # ends with this speedrun, however it ends
             )
         self.start = time.monotonic()
         print(

@@ -11,6 +11,10 @@ is returned (128+N when signal N ended it). Signals, two cases:
   SIGTERM sent to us alone.
 
 A third signal kills the child outright: it had two chances to exit cleanly.
+
+The child also dies with us: if this launcher is killed outright (``kill -9`` of make's
+group, a closed ssh session), the kernel sends the stage SIGTERM (``nanochat.lifeline``),
+so no orphaned trainer keeps writing the checkpoints a rerun is about to use.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from backends.command import StageCommand
 from backends.secrets import load_secrets
-from nanochat import gpus
+from nanochat import gpus, lifeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +48,15 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def tied_to_us():
+    """A ``preexec_fn`` for Popen: the child gets SIGTERM when this process dies. The libc
+    function is looked up here, before the fork; the child only calls it."""
+    prctl = lifeline.libc_prctl()
+    if prctl is None:
+        return None
+    return lambda: prctl(lifeline.PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
 def run(command: StageCommand) -> int:
     """Run the command to completion, forwarding signals as above; return its exit code."""
     interactive = sys.stdin is not None and sys.stdin.isatty()
@@ -52,6 +65,7 @@ def run(command: StageCommand) -> int:
         env=child_env(command.env),
         cwd=REPO_ROOT,
         start_new_session=not interactive,
+        preexec_fn=tied_to_us(),
     )
     received = []
 

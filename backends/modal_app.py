@@ -47,6 +47,7 @@ from backends.stages import (
     remote_resources,
     remote_threads,
 )
+from nanochat import run_lock
 from nanochat.common import BASE_DIR_ENV, RESUME_ENV
 
 APP_NAME = "nanochat"
@@ -239,6 +240,11 @@ def run_stage(stage_name: str, knobs: dict) -> dict:
     base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
     link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
     cmd = remote_command(stage, knobs, base)
+    # A retry after a preemption is the same function call in a new container: the run
+    # lock of the tag (nanochat.run_lock) knows it by this id and lets it take over.
+    call_id = modal.current_function_call_id()
+    if call_id:
+        cmd.env.setdefault(run_lock.RUN_ID_ENV, call_id)
     gpus_here = local.visible_gpus()
     print(f"[nanochat] modal: {stage.name} on {gpus_here or 'no'} GPU(s): {cmd.shell()}")
     committer = CheckpointCommitter(base)

@@ -11,16 +11,21 @@ all ranks finished theirs, so its presence means the checkpoint is whole (the Mo
 commits its volume when one appears). ``latest`` walks the metas from the newest and returns
 the first whose files all exist with the recorded size and hash: a checkpoint cut short by a
 kill (or damaged later) is reported in one line and the previous one is used.
-``start_point`` applies a stage's --resume policy; checkpoints a fresh start must not pick up
-(they would be resumed, or loaded by the next stage, instead of the new run's) are moved to
-``<kind>_checkpoints/.replaced/<tag>-<time>/``, never deleted.
+``start_point`` takes the tag's run lock (``nanochat.run_lock``: one run per tag at a time),
+removes temp files a killed save left, and applies the stage's --resume policy; checkpoints
+a fresh start must not pick up (they would be resumed, or loaded by the next stage, instead
+of the new run's) are moved to ``<kind>_checkpoints/.replaced/<tag>-<time>/``, never deleted.
+Damaged checkpoints newer than the one resumed are moved aside the same way
+(``.replaced/<tag>-damaged-<time>/``), so they can never outrank, or make the pruning
+delete, the run's good ones. ``save`` checks the free space first and keeps the newest
+``KEEP_LAST`` complete checkpoints.
 Used by every training stage (pretrain, midtrain, SFT, RL) and by the evals that load models.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -29,7 +34,15 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import atomic_path, atomic_write_text, log
+from nanochat import run_lock
+from nanochat.common import (
+    atomic_path,
+    atomic_write_text,
+    check_free_space,
+    file_sha256,
+    log,
+    sweep_temp_files,
+)
 
 META = re.compile(r"^meta_(\d{6})\.json$")
 REPLACED = ".replaced"  # set-aside runs: a hidden folder, so neither resumed nor loaded
@@ -57,17 +70,28 @@ def meta_file(directory: Path, step: int) -> Path:
     return Path(directory) / f"meta_{step:06d}.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_torch(obj: object, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def _tensor_bytes(obj: object) -> int:
+    """The bytes of every tensor in a (nested) state dict: what torch.save will write,
+    give or take a little pickle."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def bytes_needed(model_state: dict | None, rank_state: dict, writers_here: int = 1) -> int:
+    """Room one save takes on this machine: the weights (rank 0) plus ``writers_here``
+    ranks' own files, with 5% and 1 MiB to spare for pickle and the meta."""
+    total = _tensor_bytes(model_state) + writers_here * _tensor_bytes(rank_state)
+    return int(total * 1.05) + (1 << 20)
 
 
 def save(
@@ -88,9 +112,15 @@ def save(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and model_state is None:
+        raise ValueError("rank 0 must pass the model state")
+    # Refuse a save that cannot fit before writing a byte: a checkpoint that dies half
+    # written costs the space and the time. Ranks on one machine share its disk.
+    writers_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if rank == 0 else 1
+    check_free_space(
+        model_file(directory, step), bytes_needed(model_state, rank_state, writers_here)
+    )
     if rank == 0:
-        if model_state is None:
-            raise ValueError("rank 0 must pass the model state")
         _save_torch(model_state, model_file(directory, step))
     _save_torch(rank_state, rank_file(directory, step, rank))
     barrier()
@@ -103,7 +133,7 @@ def save(
             "step": step,
             "world_size": world_size,
             "saved_at": time.time(),
-            "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
+            "files": {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files},
         }
         atomic_write_text(meta_file(directory, step), json.dumps(record, indent=2) + "\n")
         _prune(directory, keep_last)
@@ -135,7 +165,7 @@ def verify(directory: Path, step: int, check_hash: bool = True) -> dict:
         size = f.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{name} has {size} bytes, expected {want['bytes']} (truncated?)")
-        if check_hash and _sha256(f) != want["sha256"]:
+        if check_hash and file_sha256(f) != want["sha256"]:
             raise CheckpointError(f"{name} does not match its recorded sha256 (damaged)")
     return meta
 
@@ -163,11 +193,7 @@ def set_aside(directory: Path) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir() or not any(directory.iterdir()):
         return None
-    root, stamp = directory.parent / REPLACED, time.strftime("%Y%m%d-%H%M%S")
-    target, n = root / f"{directory.name}-{stamp}", 2
-    while target.exists():
-        target, n = root / f"{directory.name}-{stamp}-{n}", n + 1
-    root.mkdir(parents=True, exist_ok=True)
+    target = _replaced_target(directory, directory.name)
     directory.rename(target)
     return target
 
@@ -176,7 +202,8 @@ def start_point(
     directory: Path, policy: str, master: bool = True, barrier: Callable[[], None] = lambda: None
 ) -> Found | None:
     """The checkpoint a training run continues from under its --resume ``policy`` (every
-    rank calls this; rank 0 moves folders, the others wait at ``barrier``):
+    rank calls this; rank 0 takes the tag's run lock and moves folders, the others wait at
+    ``barrier``):
 
     - ``auto``: the latest usable checkpoint of the tag, if any;
     - ``never``: none; the tag's checkpoints are set aside first, so the fresh run's own
@@ -184,17 +211,67 @@ def start_point(
       resumed, kept by the pruning, or loaded by the next stage);
     - ``since:T``: the latest one if it was saved at or after unix time T (this run's own
       progress, e.g. before a preemption), else as ``never``.
+
+    Under ``auto`` and ``since:T``, damaged checkpoints newer than the usable one are set
+    aside (``set_aside_steps``): never deleted, and never again in the way.
     """
-    if policy == "auto":
-        return latest(directory)
+    directory = Path(directory)
+    found = None
     if master:
-        found = latest(directory, check_hash=False) if policy.startswith("since:") else None
-        fresh = found is not None and found.meta.get("saved_at", 0) >= float(policy[6:])
-        moved = None if fresh else set_aside(directory)
-        if moved:
-            log(f"--resume={policy}: moved the earlier checkpoints of {directory} to {moved}")
+        run_lock.hold(directory)  # UsageError (one line) when another run holds the tag
+        for tmp in sweep_temp_files(directory):
+            log(f"removed {tmp.name}, left by a save that was killed")
+        if policy != "never":
+            found = latest(directory)
+            damaged = [s for s in steps(directory) if found is None or s > found.step]
+            moved = set_aside_steps(directory, damaged, "damaged")
+            if moved:
+                log(f"moved the damaged checkpoint(s) {damaged} of {directory} to {moved}")
+        if policy.startswith("since:"):
+            if found is not None and found.meta.get("saved_at", 0) < float(policy[6:]):
+                found = None
+        if found is None and policy != "auto":
+            moved = set_aside(directory)
+            if moved:
+                log(f"--resume={policy}: moved the earlier checkpoints of {directory} to {moved}")
     barrier()
-    return None if policy == "never" else latest(directory)
+    if policy == "never":
+        return None
+    if master:
+        return found
+    return latest(directory, check_hash=False)  # rank 0 has just checked the hashes
+
+
+def set_aside_steps(directory: Path, step_list: list[int], why: str) -> Path | None:
+    """Move the files of these steps to ``../.replaced/<tag>-<why>-<time>/`` (renames:
+    nothing is lost); the new folder, or None when there was nothing to move."""
+    directory = Path(directory)
+    files = [
+        f
+        for step in step_list
+        for f in (
+            meta_file(directory, step),
+            model_file(directory, step),
+            *directory.glob(f"rank_{step:06d}_r*.pt"),
+        )  # fmt: skip
+        if f.exists()
+    ]
+    if not files:
+        return None
+    target = _replaced_target(directory, f"{directory.name}-{why}")
+    target.mkdir(parents=True)
+    for f in files:
+        f.rename(target / f.name)
+    return target
+
+
+def _replaced_target(directory: Path, stem: str) -> Path:
+    root, stamp = Path(directory).parent / REPLACED, time.strftime("%Y%m%d-%H%M%S")
+    target, n = root / f"{stem}-{stamp}", 2
+    while target.exists():
+        target, n = root / f"{stem}-{stamp}-{n}", n + 1
+    root.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def load_model_state(found: Found, device: str | torch.device = "cpu") -> dict:
@@ -213,9 +290,23 @@ def load_rank_state(found: Found, rank: int, device: str | torch.device = "cpu")
 
 
 def _prune(directory: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (their meta first)."""
-    for step in steps(directory)[keep_last:]:
-        meta_file(directory, step).unlink(missing_ok=True)
-        model_file(directory, step).unlink(missing_ok=True)
-        for f in Path(directory).glob(f"rank_{step:06d}_r*.pt"):
-            f.unlink(missing_ok=True)
+    """Keep the newest ``keep_last`` complete checkpoints and delete the older ones (their
+    meta first). Only complete ones count: a damaged one never takes a good one's place,
+    and none newer than the oldest kept is touched (the next start sets those aside)."""
+    good = []
+    for step in steps(directory):
+        try:
+            verify(directory, step, check_hash=False)
+        except CheckpointError:
+            continue
+        good.append(step)
+        if len(good) == keep_last:
+            break
+    if len(good) < keep_last:
+        return
+    for step in steps(directory):
+        if step < good[-1]:
+            meta_file(directory, step).unlink(missing_ok=True)
+            model_file(directory, step).unlink(missing_ok=True)
+            for f in Path(directory).glob(f"rank_{step:06d}_r*.pt"):
+                f.unlink(missing_ok=True)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +31,11 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2, nothing touched."""
 
 
+class ArtifactError(RuntimeError):
+    """An artifact on disk that fails its check (a damaged shard or tokenizer file): one
+    ``error:`` line naming it and the fix, exit 1 (the work failed; the input was fine)."""
+
+
 def die(message: str, code: int = 2) -> None:
     """Print one clear line to stderr and exit (2 = bad input, 1 = the work failed)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -35,14 +43,26 @@ def die(message: str, code: int = 2) -> None:
 
 
 def run_main(main) -> None:
-    """A stage script's entry point: exit with ``main()``'s code; a UsageError (bad input)
-    becomes one ``error:`` line on stderr (from rank 0 only under torchrun) and exit 2."""
+    """A stage script's entry point: exit with ``main()``'s code. One ``error:`` line on
+    stderr instead of a traceback for: a UsageError (bad input; from rank 0 only under
+    torchrun), exit 2; a damaged artifact (ArtifactError), exit 1; a full disk
+    (DiskFullError, or any OSError with ENOSPC/EDQUOT), exit 1: the work failed, and the
+    same command resumes once there is space. The last two from whichever rank met them."""
     try:
         code = main()
     except UsageError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except ArtifactError as exc:  # from any rank: ranks read different shards
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except (OSError, RuntimeError) as exc:
+        full = exc if isinstance(exc, DiskFullError) else disk_full(exc)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     raise SystemExit(code)
 
 
@@ -150,16 +170,121 @@ def positive_int(text: str) -> int:
     return value
 
 
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file, read in 4 MiB blocks: the integrity record of checkpoints,
+    shards and downloads."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': sizes in messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(path: Path | str) -> int:
+    """Free space (for this user) on the file system holding ``path`` or its nearest
+    existing parent."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+class DiskFullError(OSError):
+    """No room to write an artifact: one line naming the path, the free space there and,
+    when known, how much is needed."""
+
+    def __init__(self, path: Path | str, needed: int | None = None):
+        where = Path(path)
+        try:
+            free = f"{human_bytes(free_bytes(where.parent))} free there"
+        except OSError:
+            free = "free space unknown"
+        need = f", about {human_bytes(needed)} needed" if needed else ""
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on the device to write {where} ({free}{need}): free some space "
+            "or point BASE_DIR at a bigger disk, then run the same command again (it resumes)",
+        )
+        self.path, self.needed = where, needed
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# Below this much free space a failed write is taken for a full disk even when the error
+# does not say so: torch.save reports ENOSPC as "basic_ios::clear: iostream error".
+NEARLY_FULL_BYTES = 16 << 20
+_FULL_TEXT = ("no space left on device", "disk quota exceeded")
+
+
+def disk_full(exc: BaseException, path: Path | str | None = None) -> DiskFullError | None:
+    """The DiskFullError that ``exc`` (raised while writing ``path``) amounts to, or None
+    when it is some other failure."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    said = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        text in str(exc).lower() for text in _FULL_TEXT
+    )
+    path = path or getattr(exc, "filename", None)
+    if not said and path is not None and isinstance(exc, (OSError, RuntimeError)):
+        with contextlib.suppress(OSError):
+            said = free_bytes(Path(path).parent) < NEARLY_FULL_BYTES
+    if not said:
+        return None
+    return DiskFullError(path or "an artifact")
+
+
+def check_free_space(path: Path | str, needed: int) -> None:
+    """Raise DiskFullError before writing ``needed`` bytes at ``path`` when they cannot fit."""
+    if free_bytes(Path(path).parent) < needed:
+        raise DiskFullError(path, needed)
+
+
+TEMP_SUFFIX = ".tmp"  # atomic_path's temp files: .<final name>.<random>.tmp beside the final
+
+
+def sweep_temp_files(folder: Path | str, older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temp files ``atomic_path`` left in ``folder`` when a writer was killed
+    (SIGKILL, power loss): they are never a complete artifact. Call it only where no other
+    process may be writing (e.g. under the run lock). The removed paths are returned."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file():
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime >= older_than_s:
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temp path beside ``final``; on success fsync it and rename it over ``final``.
 
     On any exception (Ctrl-C included) the temp file is removed, so a reader never sees
-    a partial artifact under the final name and the previous version stays intact.
+    a partial artifact under the final name and the previous version stays intact. A write
+    that failed for want of space is raised as a DiskFullError naming ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=TEMP_SUFFIX, dir=final.parent
+        )
+    except OSError as exc:
+        raise (disk_full(exc, final) or exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -168,8 +293,12 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are shared (docker, volumes)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        # Judge "full" while the temp file still takes its space, then free it.
+        full = disk_full(exc, final) if isinstance(exc, (OSError, RuntimeError)) else None
         tmp.unlink(missing_ok=True)
+        if full is not None and full is not exc:
+            raise full from None
         raise
 
 

@@ -12,6 +12,11 @@ Stage 3 (``scripts.base_train``) and the bits-per-byte evaluation draw their bat
 
 ``state_dict()`` captures where the loader is (epoch, the next row group, the buffered
 documents), so a resumed run gets exactly the batches an uninterrupted run would have got.
+
+Damaged data stops the loader with ``shards.ShardError`` (one line naming the shard and the
+fix), never a raw pyarrow/ZSTD trace: at construction every shard's size is compared with its
+record (a stat each), and each shard's sha256 is checked when this process first opens it
+(about 0.1 s per 100 MB shard, once per shard per process; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from nanochat import shards
 from nanochat.tokenizer import Tokenizer
 
 DEFAULT_BUFFER_DOCS = 256  # documents kept ready for best fit (more = tighter packing)
@@ -30,12 +36,12 @@ TOKENIZE_BATCH = 128  # documents per tiktoken batch call
 
 
 def row_groups(paths: Sequence[Path]) -> list[tuple[int, int]]:
-    """Every (shard position, row group) pair of the given shards, in order."""
-    import pyarrow.parquet as pq
-
+    """Every (shard position, row group) pair of the given shards, in order (footers only:
+    the content is checked as each shard is opened for reading)."""
     pairs = []
     for i, path in enumerate(paths):
-        pairs += [(i, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
+        with shards.open_shard(path, check_hash=False) as pf:
+            pairs += [(i, rg) for rg in range(pf.num_row_groups)]
     return pairs
 
 
@@ -141,6 +147,7 @@ class PackedLoader(BestFitPacker):
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.buffer_docs = buffer_docs
+        shards.check_sizes(self.paths)
         self.groups = row_groups(self.paths)
         if len(self.groups) < world_size:
             raise ValueError(
@@ -156,17 +163,16 @@ class PackedLoader(BestFitPacker):
     # --- reading ----------------------------------------------------------------------------
 
     def _read_next_group(self) -> list[str]:
-        import pyarrow.parquet as pq
-
         if self.cursor >= len(self.my_groups):
             self.epoch += 1
             self.cursor = 0
         shard, rg = self.my_groups[self.cursor]
-        self.cursor += 1
+        path = self.paths[shard]
         if shard not in self._files:
-            self._files[shard] = pq.ParquetFile(self.paths[shard])
-        table = self._files[shard].read_row_group(rg, columns=["text"])
-        return table.column("text").to_pylist()
+            self._files[shard] = shards.open_shard(path)  # sha256 on first open
+        texts = shards.read_texts(self._files[shard], path, rg)
+        self.cursor += 1  # only past a group that was read: a resumed state stays exact
+        return texts
 
     def _refill(self) -> None:
         while len(self.buffer) < self.buffer_docs:

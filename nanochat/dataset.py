@@ -13,11 +13,14 @@ the validation split):
     # the tiny offline corpus (stdlib docstrings; what the tiny preset uses)
     python -m nanochat.dataset --dataset embedded
 
-Every shard is written to a temp file and checked with ``shards.verify_shard`` before it is
-renamed into place, so a shard under its final name is always complete; shards already
-present and valid are skipped, so re-running is cheap. One run per folder at a time
-(``<folder>/.lock``). Exit codes: 0 done, 1 some shard failed, 2 bad input, 130 Ctrl-C,
-143 SIGTERM.
+Every shard is written to a temp file and every row group of it decoded
+(``shards.verify_shard``) before it is renamed into place, so a shard under its final name is
+always whole; from the hub (no --source) its size and sha256 must also match the hub's
+listing (``HF_ENDPOINT`` names a hub mirror). Each accepted shard's size and sha256 go into
+the folder's ``.shards.json``; a re-run checks every shard present against it (sha256: about
+0.1 s per 100 MB shard, in parallel) and fetches or rebuilds only missing or damaged ones.
+One run per folder at a time (``<folder>/.lock``). Exit codes: 0 done, 1 some shard failed
+(or a damaged shard that cannot be fetched again), 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 
 This module holds the dataset table, the embedded build and the CLI; the work is done by
 ``nanochat.download`` (remote shards) and ``nanochat.custom_data`` (a local folder).
@@ -26,6 +29,7 @@ This module holds the dataset table, the embedded build and the CLI; the work is
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -41,6 +45,7 @@ from nanochat.common import (
     log,
     one_line,
     positive_int,
+    run_main,
 )
 from nanochat.custom_data import InputError, convert_folder
 from nanochat.download import (
@@ -49,7 +54,7 @@ from nanochat.download import (
     add_network_arguments,
     sigterm_as_interrupt,
 )
-from nanochat.shards import FolderBusy, building, folder_complete, folder_lock
+from nanochat.shards import FolderBusy, ShardError, building, folder_complete, folder_lock
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -68,7 +73,17 @@ class RemoteDataset:
 
     @property
     def base_url(self) -> str:
-        return f"https://huggingface.co/datasets/{self.repo}/resolve/main"
+        return f"{hub_endpoint()}/datasets/{self.repo}/resolve/main"
+
+    @property
+    def listing_url(self) -> str:
+        """The hub's paths-info API: size and LFS sha256 of the files asked for."""
+        return f"{hub_endpoint()}/api/datasets/{self.repo}/paths-info/main"
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub, or the mirror named by $HF_ENDPOINT (as for the task data)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 # DESIGN B.1: ClimbMix is the current recipe's data, FineWeb-EDU the original's.
@@ -95,7 +110,7 @@ def ensure_embedded(base: Path) -> Path:
     complete set (>= 2 valid shards, no interrupted build). Raises FolderBusy if another
     process is building it."""
     folder = shards.data_dir(base, EMBEDDED)
-    if folder_complete(folder):
+    if folder_complete(folder, adopt=False):  # without the lock: checks, never writes
         return folder
     with folder_lock(folder):
         if not folder_complete(folder):  # someone may have finished it while we waited
@@ -239,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except FolderBusy as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except ShardError as exc:  # a shard that does not read back right after it was written
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt as exc:
         log("interrupted; no partial shard was left under a final name")
         return 143 if isinstance(exc, Terminated) else 130
@@ -260,7 +278,13 @@ def _run_download(args: argparse.Namespace, folder: Path) -> int:
             retry_delay=args.retry_delay,
             timeout=args.timeout,
         )
-        summary = downloader.run(indices)
+        # A mirror given as --source serves files only; the hub (or $HF_ENDPOINT) also lists
+        # each file's size and sha256, which the fetched bodies must match.
+        try:
+            summary = downloader.run(indices, None if args.source else dataset.listing_url)
+        except OSError as exc:  # the record file could not be written (a full disk)
+            print(f"error: cannot write {folder}: {one_line(exc)}", file=sys.stderr, flush=True)
+            return 1
     if summary.failed:
         for index, reason in sorted(summary.failed.items()):
             print(f"error: shard {index} ({shards.shard_name(index)}): {reason}", file=sys.stderr)
@@ -271,9 +295,10 @@ def _run_download(args: argparse.Namespace, folder: Path) -> int:
             flush=True,
         )
         return 1
+    replaced = f", {len(summary.damaged)} damaged one(s) replaced" if summary.damaged else ""
     print(
         f"{args.dataset}: {len(summary.fetched)} shard(s) fetched, "
-        f"{len(summary.skipped)} skipped, {summary.bytes / 1e6:.1f} MB in "
+        f"{len(summary.skipped)} skipped{replaced}, {summary.bytes / 1e6:.1f} MB in "
         f"{summary.seconds:.1f} s -> {folder}"
     )
     return 0
@@ -285,7 +310,7 @@ def _run_convert(args: argparse.Namespace, folder: Path) -> int:
     try:
         with folder_lock(folder):
             documents, chars, count = convert_folder(source, folder, args.shard_chars)
-    except (InputError, OSError) as exc:  # unreadable input, disk full: one line, not a trace
+    except (InputError, ShardError, OSError) as exc:  # unreadable input, disk full: one line
         print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     if documents == 0:
@@ -299,4 +324,4 @@ def _run_convert(args: argparse.Namespace, folder: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -48,6 +48,19 @@ def total_params(depth: int, vocab_size: int, kv_heads: int | None = None) -> in
     return scaling_params(depth, vocab_size, kv_heads) + vocab_size * width(depth)
 
 
+# Bytes per parameter a training step holds at the least: fp32 weights and gradients and
+# one fp32 optimizer buffer (Muon's momentum; AdamW keeps two on the embeddings).
+TRAIN_BYTES_PER_PARAM = 12
+
+
+def least_training_bytes(depth: int, vocab_size: int, device_batch: int, seq_len: int) -> int:
+    """A lower bound on one process's memory for a training step: weights, gradients and
+    optimizer state, plus the fp32 logits of one micro-batch. Activations come on top, so a
+    model that fails this cannot train here at all (the check in base_train)."""
+    logits = device_batch * seq_len * vocab_size * 4
+    return TRAIN_BYTES_PER_PARAM * total_params(depth, vocab_size) + logits
+
+
 def derived_total_batch(depth: int, vocab_size: int, ratio: float = DEFAULT_RATIO) -> int:
     """2^19 tokens at d12; B ~ D^0.383 beyond (D = data tokens), a power of two."""
     data = ratio * scaling_params(depth, vocab_size)

@@ -1,17 +1,22 @@
 """The pipeline's HTTP downloader: fetch files in parallel, verified, atomically, with retries.
 
-``Downloader(base_url, folder).run(indices)`` GETs ``<base_url>/shard_NNNNN.parquet`` for
-each index (stage 1, ``nanochat.dataset``); ``run_jobs(jobs)`` fetches any list of
-``Job(url, path, verify)`` (the chat task data, ``scripts.task_data``), and ``get_json(url)``
-reads a small JSON document (a file listing) under the same retry rules. Files already
-present and valid are skipped. Each body goes to a temp file, is checked with the job's
-``verify`` (``shards.verify_shard`` for shards) and only then renamed into place; transient
-failures (5xx, 408/429, dropped connections, short or invalid bodies) are retried with
-jittered exponential backoff. The caller holds the folder lock.
+``Downloader(base_url, folder).run(indices, listing_url)`` GETs
+``<base_url>/shard_NNNNN.parquet`` for each index (stage 1, ``nanochat.dataset``);
+``run_jobs(jobs)`` fetches any list of ``Job(url, path, verify)`` (the chat task data,
+``scripts.task_data``), and ``get_json(url)`` reads a small JSON document (a file listing)
+under the same retry rules. Each body goes to a temp file while its sha256 is computed; it must
+match the size and sha256 the job expects (for shards: the hub's listing, when there is one),
+pass the job's ``verify`` (``shards.verify_shard`` decodes every row group) and only then is
+renamed into place. Transient failures (5xx, 408/429, dropped connections, short, invalid or
+mismatching bodies) are retried with jittered exponential backoff. Shards already present are
+checked against the folder's records (``shards.read_records``) and skipped when they match;
+damaged ones are fetched again. The caller holds the folder lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -27,9 +32,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nanochat import shards
-from nanochat.common import atomic_path, log, one_line, stamp
+from nanochat.common import atomic_path, file_sha256, log, one_line, stamp
 
 CHUNK_BYTES = 1 << 20
+LISTING_BATCH = 200  # file names per paths-info request (a conservative batch)
+SAVE_RECORDS_S = 5.0  # how often records are saved while shards land (and always at the end)
 MAX_BACKOFF_S = 60.0
 RETRY_STATUS = frozenset({408, 429})  # plus every 5xx
 USER_AGENT = "nanochat-dataset/0.1 (python-requests)"
@@ -38,14 +45,17 @@ USER_AGENT = "nanochat-dataset/0.1 (python-requests)"
 @dataclass(frozen=True)
 class Job:
     """One file to fetch: GET ``url`` into ``path``, accepted when ``verify(path)`` is None
-    (otherwise it returns a short reason). ``key`` names the job in the summary (a shard
-    index, a relative path); ``label`` names it in progress lines (default: the file name)."""
+    (otherwise it returns a short reason) and the body has the ``size`` and ``sha256`` given
+    (None: not known). ``key`` names the job in the summary (a shard index, a relative
+    path); ``label`` names it in progress lines (default: the file name)."""
 
     url: str
     path: Path
     key: object
     verify: Callable[[Path], str | None] = shards.verify_shard
     label: str = ""
+    size: int | None = None
+    sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -57,6 +67,7 @@ class DownloadSummary:
     fetched: list = field(default_factory=list)  # job keys (shard indices for run())
     skipped: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # job key -> one-line reason
+    damaged: list = field(default_factory=list)  # keys of files present but damaged (re-fetched)
     bytes: int = 0  # size of the files fetched
     seconds: float = 0.0
 
@@ -139,9 +150,10 @@ class Downloader:
                 self._sessions.append(session)
         return session
 
-    def _attempt(self, job: Job) -> int:
-        """One GET into a temp file, verified, renamed into place. Returns the size."""
+    def _attempt(self, job: Job) -> tuple[int, str]:
+        """One GET into a temp file, checked, renamed into place. Returns (size, sha256)."""
         with atomic_path(job.path) as tmp:
+            digest = hashlib.sha256()  # hashed as it streams: no second read of the file
             with self._session().get(job.url, stream=True, timeout=self.timeout) as response:
                 _check_status(response, job.url)
                 size = 0
@@ -150,6 +162,7 @@ class Downloader:
                         if self.stop.is_set():
                             raise _Cancelled
                         out.write(chunk)
+                        digest.update(chunk)
                         size += len(chunk)
                         with self._lock:
                             self._bytes_seen += len(chunk)
@@ -157,13 +170,26 @@ class Downloader:
                 if expected is not None and "Content-Encoding" not in response.headers:
                     if expected.isdigit() and int(expected) != size:
                         raise _Retryable(f"length mismatch: got {size} of {expected} bytes")
+            sha256 = digest.hexdigest()
+            if job.size is not None and size != job.size:
+                raise _Retryable(f"size mismatch with the listing: got {size}, listed {job.size}")
+            if job.sha256 is not None and sha256 != job.sha256:
+                raise _Retryable(
+                    f"sha256 mismatch with the listing: got {sha256[:12]}..., "
+                    f"listed {job.sha256[:12]}... (damaged in transit or by the server)"
+                )
             reason = job.verify(tmp)
             if reason is not None:
                 raise _Retryable(f"invalid content: {reason}")
-        return size
+        return size, sha256
 
-    def _attempt_json(self, url: str):
-        with self._session().get(url, timeout=self.timeout) as response:
+    def _attempt_json(self, url: str, form: dict | None = None):
+        session = self._session()
+        if form is None:
+            request = session.get(url, timeout=self.timeout)
+        else:
+            request = session.post(url, data=form, timeout=self.timeout)
+        with request as response:
             _check_status(response, url)
             body = response.content
         try:
@@ -171,15 +197,18 @@ class Downloader:
         except ValueError as exc:  # a proxy's HTML error page, a cut-off body
             raise _Retryable(f"invalid JSON ({one_line(exc)})") from None
 
-    def fetch(self, job: Job) -> tuple[int, str | None]:
-        """(bytes written, None) on success, (0, reason) after the last failed attempt."""
-        size, error = self._retrying(job.name, job.url, lambda: self._attempt(job))
-        return (0, error) if error is not None else (size, None)
+    def fetch(self, job: Job) -> tuple[tuple[int, str] | None, str | None]:
+        """((bytes written, sha256), None) on success, (None, reason) after the last failed
+        attempt."""
+        return self._retrying(job.name, job.url, lambda: self._attempt(job))
 
-    def get_json(self, url: str, label: str = "") -> tuple[object, str | None]:
+    def get_json(
+        self, url: str, label: str = "", form: dict | None = None
+    ) -> tuple[object, str | None]:
         """(parsed JSON, None), or (None, reason) after the last failed attempt; the same
-        retry rules as the files. For small documents (a listing), read in one piece."""
-        return self._retrying(label or url, url, lambda: self._attempt_json(url))
+        retry rules as the files. For small documents (a listing), read in one piece; with
+        ``form``, POSTed as form fields (the hub's paths-info API)."""
+        return self._retrying(label or url, url, lambda: self._attempt_json(url, form))
 
     def _retrying(self, label: str, url: str, once: Callable[[], object]):
         """``once()`` until it succeeds, a fatal error, the last attempt or Ctrl-C:
@@ -220,16 +249,109 @@ class Downloader:
                 return None, f"cannot write {self.folder}: {one_line(exc)}"
         raise AssertionError("unreachable")
 
-    def run(self, indices: list[int]) -> DownloadSummary:
-        """Skip valid shards, fetch the rest in parallel, report per shard (keys = indices)."""
-        summary = self.run_jobs([self.shard_job(index) for index in indices], unit="shard")
+    def run(self, indices: list[int], listing_url: str | None = None) -> DownloadSummary:
+        """Shards (keys = indices): those present and matching their record are skipped,
+        the rest fetched in parallel; every shard accepted is recorded (size, sha256).
+        ``listing_url``: the hub's paths-info API, whose sizes and sha256s the fetched
+        bodies must match (None for a plain mirror)."""
+        records = shards.read_records(self.folder)
+        saved = dict(records)
+        summary = DownloadSummary()
+        start = time.monotonic()
+        todo, adopted = [], 0
+        jobs = [self.shard_job(index) for index in indices]
+        for job, (reason, record) in zip(jobs, self._check_present(jobs, records), strict=True):
+            if reason is None and job.path.exists():
+                summary.skipped.append(job.key)
+                if record is not None:
+                    records[job.path.name] = record
+                    adopted += 1
+                continue
+            if reason is not None:
+                self.note(f"{job.name} is present but invalid ({reason}); fetching it again")
+                summary.damaged.append(job.key)
+                records.pop(job.path.name, None)
+            todo.append(job)
+        if summary.skipped:
+            self.note(
+                f"{len(summary.skipped)} shard(s) already present and valid: skipped "
+                f"(checked in {time.monotonic() - start:.1f} s)"
+            )
+        if adopted:
+            self.note(f"recorded the sha256 of {adopted} shard(s) fetched by an older version")
+
+        def save() -> None:
+            nonlocal saved, last_save
+            kept = {name: rec for name, rec in records.items() if (self.folder / name).exists()}
+            if kept != saved:  # a shard deleted by hand takes its record with it
+                shards.save_records(self.folder, kept)
+                saved = kept
+            last_save = time.monotonic()
+
+        def landed(job: Job, size: int, sha256: str) -> None:
+            records[job.path.name] = {"bytes": size, "sha256": sha256}
+            if time.monotonic() - last_save >= SAVE_RECORDS_S:
+                save()
+
+        last_save = 0.0
+        save()
+        if todo and listing_url:
+            listed = self.listing(listing_url, [job.path.name for job in todo])
+            todo = [
+                dataclasses.replace(job, size=size, sha256=sha256)
+                for job in todo
+                for size, sha256 in [listed.get(job.path.name, (None, None))]
+            ]
+        try:
+            self._fetch_all(todo, summary, "shard", landed)
+        finally:  # Ctrl-C included: the shards that landed keep their records
+            save()
         summary.fetched.sort()
+        summary.seconds = time.monotonic() - start
         return summary
+
+    def _check_present(self, jobs: list[Job], records: dict) -> list[tuple]:
+        """Per job: (why it is damaged or None, a new record or None), in parallel threads
+        (hashlib and pyarrow release the GIL). A recorded shard is checked by size and
+        sha256; one without a record (an older version fetched it) by decoding it whole."""
+
+        def check(job: Job) -> tuple:
+            if not job.path.exists():
+                return None, None
+            try:
+                record = records.get(job.path.name)
+                if record is not None:
+                    return shards.check_recorded(job.path, record), None
+                reason = job.verify(job.path)
+                if reason is not None:
+                    return reason, None
+                size, sha256 = job.path.stat().st_size, file_sha256(job.path)
+            except OSError as exc:  # unreadable: fetching it again replaces it
+                return f"cannot be read ({one_line(exc)})", None
+            return None, {"bytes": size, "sha256": sha256}
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="check") as pool:
+            return list(pool.map(check, jobs))
+
+    def listing(self, url: str, names: list[str]) -> dict[str, tuple[int | None, str | None]]:
+        """File name -> (size, sha256) from the hub's paths-info API; {} (with a note) when
+        it cannot be read: the shards are then checked by decoding only."""
+        listed: dict[str, tuple[int | None, str | None]] = {}
+        for start in range(0, len(names), LISTING_BATCH):
+            form = {"paths": names[start : start + LISTING_BATCH]}
+            data, error = self.get_json(url, "listing", form)
+            if error is None:
+                try:
+                    listed.update(parse_listing(data))
+                except ValueError as exc:
+                    error = str(exc)
+            if error is not None:
+                self.note(f"cannot read the hub's listing ({error}); checking by decoding only")
+                return {}
+        return listed
 
     def run_jobs(self, jobs: list[Job], unit: str = "file") -> DownloadSummary:
         """Skip files present and valid, fetch the rest in parallel with a progress bar."""
-        from tqdm import tqdm
-
         summary = DownloadSummary()
         start = time.monotonic()
         todo = []
@@ -243,10 +365,24 @@ class Downloader:
             todo.append(job)
         if summary.skipped:
             self.note(f"{len(summary.skipped)} {unit}(s) already present and valid: skipped")
-        if not todo:
-            summary.seconds = time.monotonic() - start
-            return summary
+        self._fetch_all(todo, summary, unit)
+        summary.seconds = time.monotonic() - start
+        return summary
 
+    def _fetch_all(
+        self,
+        todo: list[Job],
+        summary: DownloadSummary,
+        unit: str,
+        landed: Callable[[Job, int, str], None] | None = None,
+    ) -> None:
+        """Fetch the jobs in parallel with a progress bar, into ``summary``; ``landed`` is
+        called (in this thread) for each file that got its final name."""
+        from tqdm import tqdm
+
+        if not todo:
+            return
+        start = time.monotonic()
         bar = self._bar = tqdm(total=len(todo), unit=unit, file=sys.stderr, mininterval=0.5)
         pending: set = set()
         try:
@@ -257,13 +393,15 @@ class Downloader:
                     while pending:
                         done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                         for future in done:
-                            key = futures[future].key
-                            size, error = future.result()
+                            job = futures[future]
+                            result, error = future.result()
                             if error is None:
-                                summary.fetched.append(key)
-                                summary.bytes += size
+                                summary.fetched.append(job.key)
+                                summary.bytes += result[0]
+                                if landed is not None:
+                                    landed(job, *result)
                             else:
-                                summary.failed[key] = error
+                                summary.failed[job.key] = error
                             bar.update(1)
                         elapsed = max(time.monotonic() - start, 1e-9)
                         megabytes = self._bytes_seen / 1e6
@@ -282,8 +420,6 @@ class Downloader:
             bar.close()
             self._bar = None
             self.close()
-        summary.seconds = time.monotonic() - start
-        return summary
 
     def close(self) -> None:
         """Close every thread's session (a later request opens a new one)."""
@@ -305,6 +441,31 @@ def _check_status(response, url: str) -> None:
         raise _Fatal(f"access denied (HTTP {status}; set HF_TOKEN?): {url}")
     if status >= 400:
         raise _Fatal(f"HTTP {status}: {url}")
+
+
+def parse_listing(data: object) -> dict[str, tuple[int | None, str | None]]:
+    """File path -> (size, sha256) from a paths-info (or tree) answer: a list of entries
+    ``{"type": "file", "path", "size", "lfs": {"oid": <sha256>, "size"}}``. Only an LFS
+    entry carries a sha256 of the content (a plain entry's ``oid`` is a git blob id)."""
+    if not isinstance(data, list):
+        raise ValueError(f"the listing is a {type(data).__name__}, not a list of files")
+    listed = {}
+    for entry in data:
+        if not isinstance(entry, dict) or entry.get("type") != "file":
+            continue
+        path = entry.get("path")
+        lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
+        size = lfs.get("size", entry.get("size"))
+        sha256 = lfs.get("sha256", lfs.get("oid"))
+        if isinstance(sha256, str):
+            sha256 = sha256.removeprefix("sha256:").lower()
+        if not isinstance(path, str):
+            continue
+        listed[path] = (
+            size if type(size) is int and size >= 0 else None,
+            sha256 if isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256) else None,
+        )
+    return listed
 
 
 def retry_after(response) -> float | None:

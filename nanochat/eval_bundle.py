@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -53,7 +52,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import atomic_path, atomic_write_text, log, one_line
+from nanochat.common import atomic_path, atomic_write_text, file_sha256, log, one_line
 
 OFFICIAL_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLES = ("dclm", "embedded")
@@ -594,14 +593,6 @@ def verify_zip(path: Path) -> str | None:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
@@ -777,7 +768,7 @@ def ensure_dclm(
             if reason is not None:
                 raise BundleError(f"--source {source} is not a complete eval bundle: {reason}")
             origin = str(archive.resolve())
-            digest = sha256_of(archive)
+            digest = file_sha256(archive)
         else:
             origin = source or OFFICIAL_URL
             archive, digest = _download(root, origin, retries, retry_delay, timeout)
@@ -803,14 +794,14 @@ def _download(
     archive = root / "dclm.zip"
     record_path = root / "dclm.zip.sha256"
     recorded = _read_recorded_sha(record_path)
-    if archive.is_file() and recorded == sha256_of(archive) and verify_zip(archive) is None:
+    if archive.is_file() and recorded == file_sha256(archive) and verify_zip(archive) is None:
         log(f"eval bundle: re-extracting {archive} (its sha256 matches the record)")
         return archive, recorded
     start = time.monotonic()
     log(f"eval bundle: downloading {url}")
     size = fetch(url, archive, retries=retries, retry_delay=retry_delay, timeout=timeout)
     log(f"eval bundle: {size / 1e6:.1f} MB in {time.monotonic() - start:.1f} s -> {archive}")
-    digest = sha256_of(archive)
+    digest = file_sha256(archive)
     if recorded is not None and recorded != digest:
         log(
             f"eval bundle: warning: sha256 {digest[:12]}... differs from the one recorded at "

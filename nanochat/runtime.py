@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat import gpus
+from nanochat import gpus, lifeline, run_lock
 
 DTYPE_ENV = "NANOCHAT_DTYPE"
 # Dense bf16 peak FLOP/s per GPU, for MFU (DESIGN B.3); None where unknown (CPU).
@@ -51,11 +51,36 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def memory_bytes(self) -> int | None:
+        """The memory one process of this run may use: its GPU's total memory, or on CPU
+        the machine's available memory (within a cgroup limit) shared by the processes on
+        it; None when unknown."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[1]
+        available = _meminfo_available()
+        if available is None:
+            return None
+        return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
     def peak_flops(self) -> float | None:
         if self.device.type != "cuda":
             return None
         name = torch.cuda.get_device_name(self.device)
         return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _meminfo_available() -> int | None:
+    """MemAvailable from /proc/meminfo, capped by the cgroup v2 limit (containers)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            available = min(available, int(limit))
+    return available
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -74,6 +99,8 @@ def start() -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: end with torchrun
+        lifeline.die_with_launcher()
     check_cuda_usable()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -97,6 +124,8 @@ def check_cuda_usable() -> None:
 
 
 def stop(runtime: Runtime) -> None:
+    """The end of a run: release its checkpoint-tag locks, leave the process group."""
+    run_lock.release_all()
     if runtime.distributed and dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()

@@ -18,7 +18,11 @@ Stage 2 (``scripts/tok_train.py``) learns the merges with ``rustbpe`` and saves 
 Files in ``BASE_DIR/tokenizer/``, each written atomically:
 ``merges.tiktoken`` (tiktoken's text format: base64 token, space, rank), ``token_bytes.json``
 (byte length per id) and ``tokenizer.json`` (pattern, special ids, vocab size, what it was
-trained on). ``tokenizer.json`` is written last, so its presence marks a complete tokenizer.
+trained on, the size and sha256 of the other two files, and a sha256 of its own content).
+``tokenizer.json`` is written last, so its presence marks a complete tokenizer. ``load``
+checks every recorded hash (a swapped merges line would silently change every encoding) and
+raises ``TokenizerError``, one line naming the file and the fix, for a damaged or malformed
+file; a tokenizer saved before the hashes existed loads with a one-time note.
 
 Chat rendering turns a conversation into ``(ids, mask)`` for the chat stages, where mask 1
 marks the tokens the model is trained to produce (the assistant's text and tool calls).
@@ -27,11 +31,18 @@ marks the tokens the model is trained to produce (the assistant's text and tool 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from nanochat.common import atomic_write_bytes, atomic_write_text
+from nanochat.common import (
+    ArtifactError,
+    atomic_write_bytes,
+    atomic_write_text,
+    log,
+    one_line,
+)
 
 # GPT-4's split pattern (cl100k) with \p{N}{1,2} in place of \p{N}{1,3}.
 SPLIT_PATTERN = (
@@ -57,7 +68,13 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
 MERGES_FILE = "merges.tiktoken"
 TOKEN_BYTES_FILE = "token_bytes.json"
 META_FILE = "tokenizer.json"  # written last: marks a complete tokenizer
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the hashes are optional keys: older code still reads newer files
+FIX = "run `make tokenizer` to train it again, or restore the tokenizer folder from a copy"
+
+
+class TokenizerError(ArtifactError, ValueError):
+    """A damaged or malformed tokenizer file; the message names it and the fix, in one line.
+    (A ValueError, so every stage that reports a bad tokenizer in one line already does.)"""
 
 
 def tokenizer_dir(base: Path) -> Path:
@@ -191,21 +208,28 @@ class Tokenizer:
     # --- files --------------------------------------------------------------------------
 
     def save(self, directory: Path) -> Path:
-        """Write the three files (tokenizer.json last) into ``directory``; returns it."""
+        """Write the three files (tokenizer.json last, with the others' hashes) into
+        ``directory``; returns it."""
         directory = Path(directory)
         merges = b"".join(
             base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n"
             for rank, token in enumerate(self._token_bytes)
         )
+        lengths = json.dumps(self.token_byte_lengths())
         atomic_write_bytes(directory / MERGES_FILE, merges)
-        atomic_write_text(directory / TOKEN_BYTES_FILE, json.dumps(self.token_byte_lengths()))
+        atomic_write_text(directory / TOKEN_BYTES_FILE, lengths)
         meta = {
             "format": FORMAT_VERSION,
             "pattern": self.pattern,
             "vocab_size": self.vocab_size,
             "special_tokens": dict(self._special_ids),
             "trained_on": self.trained_on,
+            "files": {
+                MERGES_FILE: _file_record(merges),
+                TOKEN_BYTES_FILE: _file_record(lengths.encode("utf-8")),
+            },
         }
+        meta["sha256"] = _meta_sha256(meta)
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
         return directory
 
@@ -214,7 +238,8 @@ class Tokenizer:
         """Read a tokenizer written by ``save``.
 
         Raises FileNotFoundError (with the fix) when the folder is missing or incomplete,
-        ValueError when the files disagree with each other.
+        TokenizerError (a ValueError; one line naming the file and the fix) when a file is
+        damaged, malformed, or the files disagree with each other.
         """
         directory = Path(directory)
         missing = [
@@ -227,22 +252,29 @@ class Tokenizer:
                 f"no complete tokenizer in {directory} (missing {', '.join(missing)}): "
                 "run `make tokenizer` first"
             )
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("pattern"), str):
-            raise ValueError(
-                f"{directory / META_FILE} is not format {FORMAT_VERSION}: re-run `make tokenizer`"
-            )
-        token_bytes = _parse_merges((directory / MERGES_FILE).read_bytes())
-        tokenizer = cls(token_bytes, pattern=meta["pattern"], trained_on=meta.get("trained_on"))
-        lengths = json.loads((directory / TOKEN_BYTES_FILE).read_text(encoding="utf-8"))
+        meta = _read_meta(directory / META_FILE)
+        data = {name: _read_bytes(directory / name) for name in (MERGES_FILE, TOKEN_BYTES_FILE)}
+        _check_hashes(directory, meta, data)
+        try:
+            token_bytes = _parse_merges(data[MERGES_FILE])
+        except ValueError as exc:
+            raise TokenizerError(f"{directory / MERGES_FILE}: {one_line(exc)}; {FIX}") from None
+        try:
+            tokenizer = cls(token_bytes, pattern=meta["pattern"], trained_on=meta["trained_on"])
+        except (ValueError, TypeError) as exc:  # a vocabulary or pattern tiktoken refuses
+            raise TokenizerError(f"the tokenizer in {directory}: {one_line(exc)}; {FIX}") from None
+        try:
+            lengths = json.loads(data[TOKEN_BYTES_FILE])
+        except ValueError as exc:
+            raise TokenizerError(
+                f"{directory / TOKEN_BYTES_FILE} is not valid JSON ({one_line(exc)}); {FIX}"
+            ) from None
         if (
-            meta.get("vocab_size") != tokenizer.vocab_size
-            or meta.get("special_tokens") != tokenizer._special_ids
+            meta["vocab_size"] != tokenizer.vocab_size
+            or meta["special_tokens"] != tokenizer._special_ids
             or lengths != tokenizer.token_byte_lengths()
         ):
-            raise ValueError(
-                f"the files in {directory} disagree with each other: re-run `make tokenizer`"
-            )
+            raise TokenizerError(f"the files in {directory} disagree with each other; {FIX}")
         return tokenizer
 
     # --- chat ---------------------------------------------------------------------------
@@ -375,6 +407,84 @@ def _assistant_parts(content: object, index: int) -> list[tuple[str, str]]:
     return parts
 
 
+# --- file checks ----------------------------------------------------------------------------
+
+# (type, what the message calls it) of every key tokenizer.json must have; trained_on may
+# be null (free metadata), files and sha256 are absent in tokenizers saved before them.
+_META_KEYS = {
+    "format": (int, "an integer"),
+    "pattern": (str, "a string"),
+    "vocab_size": (int, "an integer"),
+    "special_tokens": (dict, "an object"),
+}
+_noted_unhashed: set[Path] = set()  # folders whose missing hashes were mentioned once
+
+
+def _file_record(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _meta_sha256(meta: Mapping) -> str:
+    """The sha256 of tokenizer.json's content (its own "sha256" key left out), over a
+    canonical serialisation: re-indenting the file keeps it, changing a value does not."""
+    body = {key: value for key, value in meta.items() if key != "sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TokenizerError(f"{path} cannot be read ({exc.strerror}); {FIX}") from None
+
+
+def _read_meta(path: Path) -> dict:
+    """tokenizer.json parsed and its keys type-checked; TokenizerError otherwise."""
+    try:
+        meta = json.loads(_read_bytes(path))
+    except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
+        raise TokenizerError(f"{path} is not valid JSON ({one_line(exc)}); {FIX}") from None
+    if not isinstance(meta, dict):
+        raise TokenizerError(f"{path} holds a JSON {type(meta).__name__}, not an object; {FIX}")
+    if meta.get("format") != FORMAT_VERSION:
+        raise TokenizerError(f"{path} is not a format-{FORMAT_VERSION} tokenizer file; {FIX}")
+    for key, (kind, words) in _META_KEYS.items():
+        if key not in meta:
+            raise TokenizerError(f"{path} has no {key!r}; {FIX}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise TokenizerError(f"{path}: {key!r} is not {words}; {FIX}")
+    if meta.get("trained_on") is None:
+        meta["trained_on"] = {}
+    elif not isinstance(meta["trained_on"], dict):
+        raise TokenizerError(f"{path}: 'trained_on' is not an object; {FIX}")
+    return meta
+
+
+def _check_hashes(directory: Path, meta: dict, data: dict[str, bytes]) -> None:
+    """Compare tokenizer.json's own hash and the other files' recorded sizes and hashes."""
+    path = directory / META_FILE
+    if "files" not in meta and "sha256" not in meta:
+        if directory not in _noted_unhashed:  # saved before the hashes existed: still usable
+            _noted_unhashed.add(directory)
+            log(
+                f"note: {path} records no hashes (saved by an older nanochat), so its files "
+                "cannot be checked; `make tokenizer` saves a tokenizer with them"
+            )
+        return
+    files = meta.get("files")
+    if not isinstance(meta.get("sha256"), str) or not isinstance(files, dict):
+        raise TokenizerError(f"{path}: its 'files' or 'sha256' entry is malformed; {FIX}")
+    if _meta_sha256(meta) != meta["sha256"]:
+        raise TokenizerError(f"{path} was changed after it was saved (its sha256 differs); {FIX}")
+    for name, content in data.items():
+        if files.get(name) != _file_record(content):
+            raise TokenizerError(
+                f"{directory / name} does not match the size and sha256 recorded in "
+                f"{META_FILE} (damaged or edited); {FIX}"
+            )
+
+
 def _parse_merges(data: bytes) -> list[bytes]:
     """Tokens in rank order from tiktoken's text format (ranks must run 0, 1, 2, ...)."""
     tokens = []
@@ -385,8 +495,8 @@ def _parse_merges(data: bytes) -> list[bytes]:
             encoded, rank = line.split(b" ")
             token, rank = base64.b64decode(encoded, validate=True), int(rank)
         except ValueError as exc:
-            raise ValueError(f"{MERGES_FILE} line {line_no} is malformed: {line!r}") from exc
+            raise ValueError(f"line {line_no} is malformed: {line[:80]!r}") from exc
         if rank != len(tokens):
-            raise ValueError(f"{MERGES_FILE} line {line_no}: rank {rank}, expected {len(tokens)}")
+            raise ValueError(f"line {line_no}: rank {rank}, expected {len(tokens)}")
         tokens.append(token)
     return tokens

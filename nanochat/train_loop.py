@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanochat import optim, runtime
-from nanochat.common import atomic_write_text, log
+from nanochat.common import TEMP_SUFFIX, atomic_write_text, log
 
 
 def set_schedule(optimizer, step: int, lr_multiplier: float) -> None:
@@ -52,10 +52,28 @@ def append_step(path: Path, step: int, loss: float, lrm: float, seconds: float, 
 
 
 def keep_log_until(path: Path, step: int) -> None:
-    """The step log without lines past ``step`` (a resumed run rewrites what follows)."""
+    """The step log without lines past ``step`` (a resumed run rewrites what follows).
+
+    The log is append-only, so a kill or a full disk during an append leaves at most a torn
+    line (and a later append may have been glued onto it): lines that are not whole step
+    records are dropped with a note, never a reason to refuse the resume. Temp files of a
+    rewrite that was killed are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    for tmp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    kept, torn = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            line_step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            torn += bool(line.strip())
+            continue
+        if line_step <= step:
+            kept.append(line)
+    if torn:
+        log(f"{path}: dropped {torn} torn line(s) (a write cut short by a kill or full disk)")
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from nanochat.common import (
+    ArtifactError,
     CliParser,
     UsageError,
     atomic_write_text,
@@ -40,6 +41,7 @@ from nanochat.common import (
     non_negative_int,
     one_line,
     positive_int,
+    run_main,
 )
 from nanochat.eval_bundle import BUNDLES
 
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             tokenizer = Tokenizer.load(tokenizer_dir(base))
+        except ArtifactError:
+            raise  # damaged, not mistyped: one line and exit 1 (run_main)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(one_line(exc)) from None
     except UsageError as exc:
@@ -423,4 +427,4 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

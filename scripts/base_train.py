@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from nanochat.common import (
+    ArtifactError,
     CliParser,
     UsageError,
     add_resume_argument,
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
         train_paths, val_path = split_shards(data_dir(base, args.dataset))
+    except ArtifactError:
+        raise  # damaged, not mistyped: one line and exit 1 (run_main)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (run `make download` and `make tokenizer` first)") from None
     rt = runtime.start()
@@ -107,6 +110,7 @@ def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
         raise UsageError("--fp8 needs a CUDA GPU (H100 class); drop it on this machine")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    check_memory(args, tokenizer.vocab_size, rt)
     config = gpt.config_for_depth(args.depth, tokenizer.vocab_size, sequence_len=args.seq_len)
     model = gpt.build_model(config, rt.device)
     scaling = gpt.scaling_params(model)
@@ -405,6 +409,25 @@ def explain(argv: list[str], processes: int, base: Path) -> list[str]:
     except UsageError as exc:
         return [f"warning: {exc}"]
     return [*the_dial.describe(), f"vocab {vocab:,} {source}"]
+
+
+def check_memory(args, vocab_size: int, rt) -> None:
+    """Refuse, before allocating anything, a model that cannot train in this machine's
+    memory even without activations (DEPTH=99999 would otherwise try to allocate ~100 GB
+    and die in a traceback)."""
+    from nanochat import dial
+    from nanochat.common import human_bytes
+
+    have = rt.memory_bytes()
+    need = dial.least_training_bytes(args.depth, vocab_size, args.device_batch, args.seq_len)
+    if have is not None and need > have:
+        where = "per GPU" if rt.device.type == "cuda" else "available per process"
+        raise UsageError(
+            f"depth {args.depth} needs at least {human_bytes(need)} to train "
+            f"({dial.total_params(args.depth, vocab_size) / 1e6:,.0f}M parameters with their "
+            f"gradients and optimizer state), and this machine has {human_bytes(have)} "
+            f"{where}: choose a smaller DEPTH (or --device-batch)"
+        )
 
 
 def save(ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb) -> None:

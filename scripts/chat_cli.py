@@ -36,6 +36,7 @@ from nanochat.common import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    run_main,
 )
 
 SOURCE_CHOICES = ("base", "mid", "sft", "rl", "auto")
@@ -342,4 +343,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -33,6 +33,7 @@ from nanochat.common import (
     non_negative_float,
     one_line,
     positive_int,
+    run_main,
 )
 
 SOURCES = ("base", "mid", "sft", "rl")
@@ -312,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = parse_task_names(args.task_names)
         loaded = load_tasks(names, args.tasks, args.max_problems)
+        if "HumanEval" in loaded:  # say which sandbox runs the model's code, before any work
+            from nanochat.execution import sandbox_description
+
+            line = sandbox_description()  # a layer asked for and not available: UsageError
+            if os.environ.get("RANK", "0") == "0":
+                log(line)
     except UsageError as exc:
         _fail(str(exc))
 
@@ -385,4 +392,4 @@ def evaluate(args, base: Path, loaded: dict, rt) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -14,8 +14,16 @@ Endpoints (127.0.0.1 only unless ``--host`` says otherwise):
   server-sent events (``stream: true``; ``stream_options.include_usage`` adds a usage chunk).
   Fields: ``messages`` (system/user/assistant, content a string or a list of text parts),
   ``temperature`` 0-2, ``top_p`` (0, 1], ``top_k`` 0-200 (extension; 0 = off),
-  ``max_tokens`` (or ``max_completion_tokens``) 1..``--max-tokens-limit``, ``n`` = 1 only,
-  ``seed``; ``model`` is echoed, other fields are ignored.
+  ``max_tokens`` (or ``max_completion_tokens``) 1..``--max-tokens-limit`` per choice,
+  ``n`` 1-8 choices (generated one after another on the request's worker, each with its own
+  ``index``, streamed too), ``stop`` (a string or up to 4: the reply ends before the first
+  one, which is never sent, with finish_reason "stop"; matched in the reply's text, not
+  inside calculator calls), ``seed`` (a signed 64-bit integer; choice i uses seed + i), and
+  ``model``, echoed in the answer (the served id when absent). Fields this server cannot
+  honour are refused with a 400 naming them when they ask for something (``logprobs``,
+  ``top_logprobs``, ``tools``, ``tool_choice``/``function_call`` other than none/auto,
+  ``functions``, ``response_format`` other than text, ``logit_bias``, non-zero
+  ``frequency_penalty``/``presence_penalty``, audio); any other field is ignored.
 - ``GET /v1/models``: the one model served, ``nanochat-<source>-<tag>``.
 - ``GET /health``: status, model, workers, busy workers, queue depth (never needs the key).
 
@@ -23,8 +31,25 @@ Limits (DESIGN B.8, upstream's numbers): 1-500 messages, 8,000 characters per me
 in all, the last message from the user. A conversation longer than the model's context loses
 its oldest turns (the system message and the last user message stay) until the prompt leaves
 room for the reply (``max_tokens``, at most half the context); when even that does not fit the
-request is refused with 400. Errors are OpenAI-shaped: ``{"error": {"message", "type",
-"param", "code"}}``.
+request is refused with 400. Errors are OpenAI-shaped JSON, whatever refuses the request:
+``{"error": {"message", "type", "param", "code"}}``.
+
+Guards (``nanochat/http_guard.py``), so that neither a web page nor a slow client can misuse
+the server:
+
+- Bodies: at most 1 MiB, read piece by piece (413 as soon as the limit is passed, chunked or
+  not); JSON nested deeper than 64 levels, NaN/Infinity and numbers out of range (``seed``
+  beyond 64 bits, ``n``, ``max_tokens`` ...) are a 400 naming the problem.
+- Other sites: POSTs to ``/v1/*`` must be ``Content-Type: application/json`` (415), and API
+  requests a browser sends from another site's page (``Origin`` not this server's,
+  ``Sec-Fetch-Site: cross-site``) get 403; the server's own page is same-origin. On a loopback
+  ``--host`` (the default) the ``Host`` header must be a loopback name (localhost, 127.0.0.1,
+  [::1], any port; ``--allowed-hosts`` adds names), else 403: a page cannot reach the
+  server through a DNS name of its own (DNS rebinding). These checks keep pages out, not
+  programs: on a shared network, set ``NANOCHAT_API_KEY``.
+- Slow clients: a request's headers must arrive within 10 s of the connection opening (or
+  of the previous answer), its body within 15 s after them; else 408 and the connection is
+  closed (slowloris). An idle keep-alive connection closes after 5 s (uvicorn's default).
 
 Workers: one engine per GPU (``--workers`` more or fewer, round-robin over the GPUs), or
 ``--workers`` engines on CPU sharing one copy of the weights (default 1). Each request borrows
@@ -49,6 +74,7 @@ never the conversation's text.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import json
@@ -67,6 +93,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 import nanochat
 from nanochat.common import (
@@ -78,8 +105,21 @@ from nanochat.common import (
     non_negative_int,
     one_line,
     positive_int,
+    run_main,
 )
 from nanochat.engine import Engine, load_chat_model
+from nanochat.http_guard import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    TIMED_OUT,
+    BodyTooLarge,
+    SiteGuard,
+    is_loopback,
+    json_depth,
+    openai_error,
+    read_limited,
+    slow_client_protocol,
+)
 
 SOURCES = ("auto", "base", "mid", "sft", "rl")
 API_KEY_ENV = "NANOCHAT_API_KEY"
@@ -93,6 +133,15 @@ MAX_TOP_K = 200
 DEFAULT_MAX_TOKENS_LIMIT = 4_096
 # JSON escapes can take 6 bytes per character (\uXXXX): 32,000 characters fit with room.
 MAX_BODY_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64  # a chat request nests 4 deep; json.loads recurses about 1000 at most
+MAX_CHOICES = 8  # n: each choice is a whole generation on the request's worker
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+MAX_MODEL_CHARS = 256  # `model` is echoed in every chunk of a stream
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI documents it
+# A temperature this small is greedy sampling in all but name, and a far smaller one (1e-40)
+# divides float32 logits into infinities, which torch cannot sample: below it, argmax.
+MIN_TEMPERATURE = 1e-4
 DEFAULT_QUEUE = 16
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
@@ -104,10 +153,23 @@ TOOL_PART = {"python": "python", "output": "python_output"}  # engine event -> p
 # --- arguments ------------------------------------------------------------------------------
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {text!r}")
+    return port
+
+
 def build_parser() -> CliParser:
     parser = CliParser(
         prog="python -m scripts.chat_web",
         description="Serve the chat page and an OpenAI-compatible API (stage chat-web).",
+        epilog=f"Slow clients are cut off: a request's headers must arrive within "
+        f"{HEADER_TIMEOUT_S:g} s of connecting (or of the previous answer) and its body "
+        f"within {BODY_TIMEOUT_S:g} s more, else HTTP 408 and the connection closes; bodies "
+        f"over {MAX_BODY_BYTES} bytes get 413 as soon as they pass that. Set "
+        f"${API_KEY_ENV} to require 'Authorization: Bearer <key>' on /v1/*.",
     )
     ckpt = parser.add_argument_group("checkpoint")
     ckpt.add_argument(
@@ -128,7 +190,16 @@ def build_parser() -> CliParser:
         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 = every "
         "interface)",
     )
-    net.add_argument("--port", type=positive_int, default=8000, help="TCP port (default: 8000)")
+    net.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
+    net.add_argument(
+        "--allowed-hosts",
+        type=host_list,
+        help="comma-separated names besides localhost, 127.0.0.1 and [::1] (always accepted) "
+        "that the Host header of a request may carry, any port, e.g. chat.example.org behind "
+        "a reverse proxy that keeps the Host; * = any. Requests to other names get HTTP 403, "
+        "so that no web page reaches the server through a DNS name of its own (DNS "
+        "rebinding). Default: none when --host is a loopback address, any otherwise",
+    )
     net.add_argument(
         "--workers",
         type=positive_int,
@@ -150,6 +221,14 @@ def build_parser() -> CliParser:
         f"at the model's context (default: {DEFAULT_MAX_TOKENS_LIMIT})",
     )
     return parser
+
+
+def host_list(text: str) -> tuple[str, ...]:
+    """argparse type for --allowed-hosts: the names (("*",) for any)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected host names separated by commas, or *")
+    return ("*",) if "*" in names else names
 
 
 # --- errors and the request schema ----------------------------------------------------------
@@ -176,14 +255,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return openai_error(self.message, self.kind, self.param, self.code)
 
 
 class ContentPart(BaseModel):
@@ -204,20 +276,45 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields we read; anything else a client sends is ignored."""
+    """The fields we read; UNSUPPORTED ones are checked before; anything else is ignored."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     messages: list[Message]
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+
+
+def _off_or(*values):
+    """An UNSUPPORTED test: the field asks for something unless it is one of ``values``."""
+    return lambda value: value not in values
+
+
+# OpenAI fields this server can not honour: refused (400 naming the field) when they ask for
+# something. Clients that send them with their "off" value (null, false, 0, [], "none",
+# {"type": "text"}) are served as if they had left them out.
+UNSUPPORTED: dict[str, Any] = {
+    "logprobs": bool,
+    "top_logprobs": bool,
+    "tools": bool,
+    "functions": bool,
+    "tool_choice": _off_or(None, "none", "auto"),
+    "function_call": _off_or(None, "none", "auto"),
+    "response_format": _off_or(None, {"type": "text"}),
+    "logit_bias": bool,
+    "frequency_penalty": _off_or(None, 0),
+    "presence_penalty": _off_or(None, 0),
+    "modalities": _off_or(None, ["text"]),
+    "audio": _off_or(None),
+}
 
 
 def _param_name(loc: tuple) -> str:
@@ -233,16 +330,32 @@ def _param_name(loc: tuple) -> str:
     return name
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_request(body: bytes) -> ChatRequest:
     """The request body as a ChatRequest; ApiError(400) with the first problem otherwise."""
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    if json_depth(body) > MAX_JSON_DEPTH:  # before json.loads recurses into it
+        raise ApiError(
+            400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+        )
     try:
-        data = json.loads(body)
-    except ValueError as exc:
+        data = json.loads(body, parse_constant=_no_constant)  # NaN, Infinity
+    except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    for name, asks in UNSUPPORTED.items():
+        if data.get(name) is not None and asks(data[name]):
+            raise ApiError(
+                400,
+                f"{name} is not supported by this server (leave it out)",
+                name,
+                "unsupported_parameter",
+            )
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -258,15 +371,33 @@ class Options:
     temperature: float
     top_k: int | None
     top_p: float | None
-    max_tokens: int | None  # None: as long as the context allows (up to the limit)
+    max_tokens: int | None  # per choice; None: as long as the context allows (up to the limit)
     seed: int
     stream: bool
     include_usage: bool
+    n: int = 1
+    stop: tuple[str, ...] = ()
+
+    def choice_seed(self, index: int) -> int:
+        """Choice ``index``'s seed, in torch's range: choice 0 samples as n=1 would."""
+        return (self.seed + index) % 2**64
+
+
+def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
+    """``stop`` as a tuple of non-empty strings (an empty one would end every reply at once,
+    so it is dropped); ApiError when there are too many or one is too long."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"stop: at most {MAX_STOPS} sequences, got {len(stops)}", "stop")
+    for i, text in enumerate(stops):
+        if len(text) > MAX_STOP_CHARS:
+            raise ApiError(
+                400, f"stop[{i}] has {len(text)} characters: at most {MAX_STOP_CHARS}", "stop"
+            )
+    return tuple(text for text in stops if text)
 
 
 def check_options(request: ChatRequest, max_tokens_limit: int) -> Options:
-    if request.n not in (None, 1):
-        raise ApiError(400, f"n={request.n}: only n=1 is supported", "n", "unsupported_value")
     max_tokens = request.max_tokens or request.max_completion_tokens
     if max_tokens is not None and max_tokens > max_tokens_limit:
         param = "max_tokens" if request.max_tokens else "max_completion_tokens"
@@ -274,8 +405,9 @@ def check_options(request: ChatRequest, max_tokens_limit: int) -> Options:
             400, f"{param}={max_tokens} is over this server's limit of {max_tokens_limit}", param
         )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
     return Options(
-        temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
         top_k=request.top_k or None,  # 0 = off
         top_p=None if request.top_p in (None, 1) else request.top_p,
         max_tokens=max_tokens,
@@ -283,6 +415,8 @@ def check_options(request: ChatRequest, max_tokens_limit: int) -> Options:
         seed=secrets.randbits(31) if request.seed is None else request.seed,
         stream=bool(request.stream),
         include_usage=include_usage,
+        n=request.n or 1,
+        stop=stop_sequences(request.stop),
     )
 
 
@@ -484,6 +618,44 @@ def merge_parts(parts: list[dict], kind: str, text: str) -> None:
         parts.append({"type": part_type, "text": text})
 
 
+class StopText:
+    """Cuts a reply's text at the first of its stop sequences (OpenAI's ``stop``).
+
+    Text that could be the start of a stop sequence is held back until the next piece shows
+    whether it is one, so no part of a stop sequence is ever sent, streamed or not.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.longest = max(map(len, stops), default=0)
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(the text that may be sent now, whether a stop sequence ended the reply)."""
+        if not self.stops:
+            return text, False
+        text = self.held + text
+        found = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        if found:
+            self.held = ""
+            return text[: min(found)], True
+        keep = next(  # the longest tail of the text that begins some stop sequence
+            (
+                k
+                for k in range(min(self.longest - 1, len(text)), 0, -1)
+                if any(stop.startswith(text[-k:]) for stop in self.stops)
+            ),
+            0,
+        )
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """The text held back, now that no stop sequence can complete it."""
+        held, self.held = self.held, ""
+        return held
+
+
 # --- generation in worker threads -----------------------------------------------------------
 
 
@@ -504,6 +676,7 @@ class MeteredEngine(Engine):
         self.stopped = False  # True: the model ended its turn; False: max_tokens/context
 
     def generate(self, tokens, num_samples=1, **kwargs):
+        self.stopped = False  # per call: one call per choice, the token count adds up
         return self._metered(super().generate(tokens, num_samples, **kwargs))
 
     def _metered(self, steps):
@@ -531,11 +704,18 @@ class Worker:
 
 
 @dataclass
+class Finish:
+    """One choice is over (an item of a job's events)."""
+
+    index: int
+    reason: str  # "stop" (end of turn or a stop sequence) or "length"
+
+
+@dataclass
 class Outcome:
     """How a generation ended (the last item of a job's events)."""
 
-    completion_tokens: int = 0
-    finish_reason: str = "length"
+    completion_tokens: int = 0  # all choices together
     error: str | None = None
 
 
@@ -546,7 +726,8 @@ class Job:
     prompt: Prompt
     options: Options
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (kind, text), then Outcome
+    # (choice index, kind, text) pieces and a Finish per choice, then one Outcome
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     engine: MeteredEngine | None = None  # set by the worker thread when it starts
 
@@ -563,31 +744,52 @@ class Job:
 
 
 def run_job(worker: Worker, job: Job) -> Outcome:
-    """Generate in the calling (worker) thread, handing each piece to the event loop."""
+    """Generate in the calling (worker) thread, handing each piece to the event loop: the
+    choices one after another (until the client leaves), then the Outcome."""
     engine = job.engine = MeteredEngine(worker.model, worker.tokenizer, job.cancel)
     outcome = Outcome()
-    opts = job.options
     try:
-        events = engine.stream_events(
-            job.prompt.tokens,
-            max_tokens=job.prompt.max_tokens,
-            temperature=opts.temperature,
-            top_k=opts.top_k,
-            top_p=opts.top_p,
-            seed=opts.seed,
-        )
-        try:
-            for kind, text in events:
-                job.emit((kind, text))
-        finally:
-            events.close()
+        for index in range(job.options.n):
+            if job.cancel.is_set():
+                break
+            job.emit(Finish(index, run_choice(engine, job, index)))
     except Exception as exc:  # reported to the client as a server error
         outcome.error = one_line(exc)
         log(f"generation failed on worker {worker.index} ({worker.device}): {outcome.error}")
     outcome.completion_tokens = engine.completion_tokens
-    outcome.finish_reason = "stop" if engine.stopped else "length"
     job.emit(outcome)
     return outcome
+
+
+def run_choice(engine: MeteredEngine, job: Job, index: int) -> str:
+    """Generate choice ``index``, emitting its pieces; its finish reason."""
+    opts = job.options
+    stop = StopText(opts.stop)
+    events = engine.stream_events(
+        job.prompt.tokens,
+        max_tokens=job.prompt.max_tokens,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        seed=opts.choice_seed(index),
+    )
+    try:
+        for kind, text in events:
+            if kind != "text":  # stop sequences are matched in the text, not in tool blocks
+                if held := stop.flush():
+                    job.emit((index, "text", held))
+                job.emit((index, kind, text))
+                continue
+            text, stopped = stop.feed(text)
+            if text:
+                job.emit((index, kind, text))
+            if stopped:
+                return "stop"  # closing `events` below ends the generation
+        if held := stop.flush():
+            job.emit((index, "text", held))
+    finally:
+        events.close()
+    return "stop" if engine.stopped else "length"
 
 
 class QueueFull(Exception):
@@ -657,6 +859,7 @@ class Service:
     context: int
     max_tokens_limit: int
     api_key: str | None
+    allowed_hosts: tuple[str, ...] | None = ()  # Host names served besides loopback; None: any
     executor: Any = None  # one thread per worker
     created: int = field(default_factory=lambda: int(time.time()))
     jobs: set = field(default_factory=set)  # generations under way (cancelled at shutdown)
@@ -761,11 +964,14 @@ class RequestLog:
                 if job.prompt.dropped:
                     tokens += f" ({job.prompt.dropped} oldest turns dropped)"
             note = " (client gone)" if state.get("disconnected") else ""
+            if state.get(TIMED_OUT):  # the guard answered 408 and closed the connection
+                status, note = 408, f" (request {state[TIMED_OUT]} too slow)"
             log(f"{scope['method']} {scope['path']} {status}{tokens} {ms:.0f} ms{note}")
 
 
 def create_app(service: Service):
-    """The ASGI application serving ``service`` (FastAPI inside the request log)."""
+    """The ASGI application serving ``service``: FastAPI inside the site guard (Host, other
+    sites, content type) inside the request log."""
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
     pool = service.pool
 
@@ -776,6 +982,24 @@ def create_app(service: Service):
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        log(f"{request.method} {request.url.path}: {type(exc).__name__}: {one_line(exc)}")
+        error = ApiError(500, "internal server error", kind="server_error")
+        return _error_response(error)  # Starlette still re-raises it: uvicorn logs the trace
+
+    async def read_body(request: Request) -> bytes:
+        """The body, read piece by piece: 413 as soon as it passes MAX_BODY_BYTES."""
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise BodyTooLarge(MAX_BODY_BYTES)
+            return await read_limited(request.stream(), MAX_BODY_BYTES)
+        except BodyTooLarge as exc:
+            raise ApiError(413, str(exc), code="body_too_large") from None
+        except ClientDisconnect:
+            request.state.disconnected = True
+            raise ClientGone from None
 
     def require_key(request: Request) -> None:
         if not service.api_key:
@@ -823,9 +1047,7 @@ def create_app(service: Service):
 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat_completions(request: Request):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
-        body = parse_request(await request.body())
+        body = parse_request(await read_body(request))
         options = check_options(body, service.max_tokens_limit)
         system, turns = conversation(body.messages)
         prompt = await asyncio.to_thread(
@@ -852,7 +1074,7 @@ def create_app(service: Service):
         job = Job(prompt, options, asyncio.get_running_loop())
         request.state.job = job  # for the log line
         service.start(worker, job)
-        reply = Reply(service.model_id, job)
+        reply = Reply(body.model or service.model_id, job)  # OpenAI echoes the request's
         if options.stream:
             return JobStream(job, reply.stream(request))
         try:
@@ -860,14 +1082,15 @@ def create_app(service: Service):
         finally:
             job.cancel.set()  # no-op when finished; stops it when the client left
 
-    return RequestLog(app)
+    return RequestLog(SiteGuard(app, service.allowed_hosts))
 
 
 class Reply:
-    """The answer to one request, from its job's events: a chat.completion, or the chunks."""
+    """The answer to one request, from its job's events: a chat.completion, or the chunks.
+    ``model`` is the name it answers with (the request's, as OpenAI echoes it)."""
 
-    def __init__(self, model_id: str, job: Job) -> None:
-        self.model_id = model_id
+    def __init__(self, model: str, job: Job) -> None:
+        self.model = model
         self.job = job
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -880,24 +1103,32 @@ class Reply:
             "total_tokens": prompt_tokens + outcome.completion_tokens,
         }
 
-    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, index: int = 0) -> dict:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "model": self.model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
         }
 
     async def stream(self, request: Request):
-        """SSE lines: the role, content deltas as they come, the finish, usage, [DONE]."""
-        inline = Inline()
+        """SSE lines: each choice's role, content deltas as they come (tagged with their
+        choice's index), each choice's finish, usage, [DONE]."""
+        inline = [Inline() for _ in range(self.job.options.n)]
         finished = False
         try:
-            yield _sse(self.chunk({"role": "assistant", "content": ""}))
+            for index in range(len(inline)):
+                yield _sse(self.chunk({"role": "assistant", "content": ""}, index=index))
             while not isinstance(item := await self.job.events.get(), Outcome):
-                for delta in inline.deltas(*item):
-                    yield _sse(self.chunk(delta))
+                if isinstance(item, Finish):
+                    for delta in inline[item.index].close():
+                        yield _sse(self.chunk(delta, index=item.index))
+                    yield _sse(self.chunk({}, item.reason, item.index))
+                    continue
+                index, kind, text = item
+                for delta in inline[index].deltas(kind, text):
+                    yield _sse(self.chunk(delta, index=index))
             finished = True
         finally:
             if not finished:  # the client went away mid-stream: stop generating
@@ -907,31 +1138,45 @@ class Reply:
             error = ApiError(500, f"generation failed: {item.error}", kind="server_error")
             yield _sse(error.body())
             return
-        for delta in inline.close():
-            yield _sse(self.chunk(delta))
-        yield _sse(self.chunk({}, item.finish_reason))
         if self.job.options.include_usage:
             yield _sse({**self.chunk({}), "choices": [], "usage": self.usage(item)})
         yield _sse("[DONE]")
 
     async def complete(self, request: Request) -> dict:
         """The whole chat.completion, once generation is over."""
-        inline = Inline()
-        content: list[str] = []
-        parts: list[dict] = []
+        n = self.job.options.n
+        inline = [Inline() for _ in range(n)]
+        content: list[list[str]] = [[] for _ in range(n)]
+        parts: list[list[dict]] = [[] for _ in range(n)]
+        reasons = ["length"] * n
         while not isinstance(item := await self.job.events.get(), Outcome):
-            content += [delta["content"] for delta in inline.deltas(*item)]
-            merge_parts(parts, *item)
-        content += [delta["content"] for delta in inline.close()]
+            if isinstance(item, Finish):
+                content[item.index] += [d["content"] for d in inline[item.index].close()]
+                reasons[item.index] = item.reason
+                continue
+            index, kind, text = item
+            content[index] += [delta["content"] for delta in inline[index].deltas(kind, text)]
+            merge_parts(parts[index], kind, text)
         if item.error is not None:
             raise ApiError(500, f"generation failed: {item.error}", kind="server_error")
-        message = {"role": "assistant", "content": "".join(content), "nanochat_parts": parts}
+        choices = [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(content[i]),
+                    "nanochat_parts": parts[i],
+                },
+                "finish_reason": reasons[i],
+            }
+            for i in range(n)
+        ]
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
-            "model": self.model_id,
-            "choices": [{"index": 0, "message": message, "finish_reason": item.finish_reason}],
+            "model": self.model,
+            "choices": choices,
             "usage": self.usage(item),
         }
 
@@ -973,6 +1218,14 @@ def check_address(host: str, port: int) -> None:
         ) from None
 
 
+def allowed_hosts(args) -> tuple[str, ...] | None:
+    """The Host names to serve besides the loopback ones: --allowed-hosts; by default none
+    when listening on a loopback address (DNS rebinding), any (None) otherwise."""
+    if args.allowed_hosts is not None:
+        return None if args.allowed_hosts == ("*",) else args.allowed_hosts
+    return () if is_loopback(args.host) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = base_dir()
@@ -994,6 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
         context=context,
         max_tokens_limit=args.max_tokens_limit,
         api_key=os.environ.get(API_KEY_ENV) or None,
+        allowed_hosts=allowed_hosts(args),
         executor=ThreadPoolExecutor(len(workers), thread_name_prefix="nanochat-worker"),
     )
     n_params = sum(p.numel() for p in model.parameters())
@@ -1011,6 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        http=slow_client_protocol(),  # deadlines for a request's headers and body
     )
     for job in list(service.jobs):  # streams cut by the shutdown: stop their threads
         job.cancel.set()
@@ -1019,4 +1274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -31,6 +31,7 @@ from nanochat.common import (
     base_dir,
     die,
     log,
+    run_main,
 )
 
 PIPELINE = ("tokenizer", "tokenizer-eval", "pretrain", "base-eval", "midtrain", "sft", "rl")
@@ -290,4 +291,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

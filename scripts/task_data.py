@@ -37,6 +37,7 @@ from nanochat.common import (
     atomic_write_text,
     base_dir,
     log,
+    run_main,
 )
 from nanochat.download import (
     Downloader,
@@ -273,4 +274,4 @@ def _run(args: argparse.Namespace, root: Path, items: list[Split]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

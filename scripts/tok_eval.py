@@ -12,6 +12,9 @@ writes it to the report section ``tokenizer-eval``.
 GPT-2 (``gpt2``) and GPT-4 (``cl100k_base``) come from tiktoken, which downloads them on
 first use. This stage never goes online: an encoding is used only when tiktoken's cache
 already holds its files, otherwise its column reads "unavailable (offline)".
+
+No tokenizer yet: one line, exit 2. A damaged tokenizer file or shard: one line naming the
+file and the fix, exit 1.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanochat.common import CliParser, base_dir, die, log, positive_int
+from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
 from nanochat.report import write_section
-from nanochat.shards import data_dir, iter_texts, list_shards
-from nanochat.tokenizer import Tokenizer, tokenizer_dir
+from nanochat.shards import ShardError, data_dir, iter_texts, list_shards, open_shard
+from nanochat.tokenizer import Tokenizer, TokenizerError, tokenizer_dir
 
 # The files tiktoken 0.14 fetches for each reference encoding, with the sha256 it checks
 # (tiktoken_ext/openai_public.py). A cached file whose hash differs would be re-downloaded.
@@ -171,11 +174,9 @@ def take_chars(texts: Iterator[str], max_chars: int) -> list[str]:
 
 def held_out_train(paths: list[Path], docs_seen: int, shards_seen: int) -> Iterator[str]:
     """Training documents after the first ``docs_seen`` (which the tokenizer read)."""
-    import pyarrow.parquet as pq
-
     # Shards before the last one training touched were read whole: skip them by metadata.
     first = max(shards_seen - 1, 0)
-    skip = docs_seen - sum(pq.ParquetFile(p).metadata.num_rows for p in paths[:first])
+    skip = docs_seen - sum(open_shard(p, check_hash=False).metadata.num_rows for p in paths[:first])
     return itertools.islice(iter_texts(paths[first:]), max(skip, 0), None)
 
 
@@ -219,15 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     base = base_dir()
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # not trained yet: run the stage before
         die(str(exc))
+    except TokenizerError as exc:  # a damaged file is not bad input: the work failed
+        die(str(exc), code=1)
 
     encoders = {"ours": tokenizer.encode}
     for label in REFERENCES:
         reference = load_reference(label)
         encoders[label] = None if reference is None else reference.encode_ordinary_batch
 
-    samples = shard_samples(tokenizer, base, args.max_chars)
+    try:
+        samples = shard_samples(tokenizer, base, args.max_chars)
+    except ShardError as exc:
+        die(str(exc), code=1)
     samples += [(label, [text]) for label, text in BUILTIN_SAMPLES.items()]
 
     header = ["sample", "chars", "bytes", *(f"{label} tokens (bytes/token)" for label in encoders)]
@@ -259,4 +265,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

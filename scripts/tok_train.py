@@ -9,6 +9,7 @@ document to ``--doc-cap`` characters so a few huge documents cannot dominate the
 counts, stops after ``--max-chars`` characters, trains with rustbpe, and saves
 ``BASE_DIR/tokenizer/`` (see nanochat/tokenizer.py) plus the report section ``tokenizer``.
 Upstream's recipe (DESIGN B.2): vocab 2^15, ~2B characters, documents capped at 10K chars.
+A damaged shard (see nanochat/shards.py) stops it with one line naming the shard, exit 1.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanochat.common import CliParser, base_dir, die, log, positive_int
+from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
 from nanochat.report import write_section
-from nanochat.shards import data_dir, iter_texts, list_shards
+from nanochat.shards import ShardError, check_sizes, data_dir, iter_texts, list_shards
 from nanochat.tokenizer import MIN_VOCAB_SIZE, tokenizer_dir, train_tokenizer
 
 PROGRESS_EVERY_S = 10.0
@@ -128,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     reader = CorpusReader(train_paths, args.max_chars, args.doc_cap)
     start = time.monotonic()
-    tokenizer = train_tokenizer(reader, args.vocab_size)
+    try:
+        check_sizes(train_paths)
+        tokenizer = train_tokenizer(reader, args.vocab_size)  # reading errors pass through
+    except ShardError as exc:  # damaged data, not bad input: the work failed
+        die(str(exc), code=1)
     seconds = time.monotonic() - start
     if reader.docs == 0:
         die(f"the training shards in {directory} hold no documents", code=1)
@@ -168,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

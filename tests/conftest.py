@@ -46,6 +46,29 @@ def base_dir(tmp_path, monkeypatch):
     return path
 
 
+def write_corpus(base: Path, texts: list[str], vocab: int = 300) -> None:
+    """Three parquet shards of ``texts`` as dataset "toy" and a tokenizer trained on them."""
+    from nanochat import shards
+    from nanochat.tokenizer import train_tokenizer
+
+    folder = shards.data_dir(base, "toy")
+    for i, group in enumerate([texts[0::3], texts[1::3], texts[2::3]]):
+        shards.write_shard(folder / shards.shard_name(i), group, row_group_size=8)
+    train_tokenizer(texts, vocab_size=vocab).save(base / "tokenizer")
+
+
+def toy_texts() -> list[str]:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    return [" ".join(words[(i + j) % len(words)] for j in range(5 + i % 40)) for i in range(240)]
+
+
+@pytest.fixture
+def toy(base_dir):
+    """BASE_DIR with a toy corpus and tokenizer: what a small pretraining run needs."""
+    write_corpus(base_dir, toy_texts())
+    return base_dir
+
+
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a front-end command as a user types it: the venv's bin/ first,
     ``env`` on top. Under `make test` a nested make would inherit MAKELEVEL and print

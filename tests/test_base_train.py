@@ -13,27 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, write_corpus
 
 from nanochat import checkpoint, shards
 from nanochat.tokenizer import train_tokenizer
 
 SMALL = ["--depth=2", "--seq-len=64", "--device-batch=4", "--total-batch=512", "--dataset=toy"]
-
-
-def write_corpus(base: Path, texts: list[str], vocab: int = 300) -> None:
-    folder = shards.data_dir(base, "toy")
-    for i, group in enumerate([texts[0::3], texts[1::3], texts[2::3]]):
-        shards.write_shard(folder / shards.shard_name(i), group, row_group_size=8)
-    train_tokenizer(texts, vocab_size=vocab).save(base / "tokenizer")
-
-
-@pytest.fixture
-def toy(base_dir):
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    texts = [" ".join(words[(i + j) % len(words)] for j in range(5 + i % 40)) for i in range(240)]
-    write_corpus(base_dir, texts)
-    return base_dir
 
 
 def train(args: list[str], env: dict | None = None, timeout: float = 300):

@@ -153,7 +153,12 @@ def test_cli_argv_mirrors_the_spec(tmp_path):
 def test_the_web_stage_listens_inside_and_is_published_on_localhost(tmp_path):
     the_plan = docker_plan(tmp_path, stage="chat-web")
     spec = docker_backend.container_spec(the_plan, "nanochat:0123456789ab", False, {})
-    assert spec["command"] == [*the_plan.command.argv, "--host=0.0.0.0", "--port=8000"]
+    assert spec["command"] == [
+        *the_plan.command.argv,
+        "--host=0.0.0.0",
+        "--port=8000",
+        "--allowed-hosts=localhost",  # published on 127.0.0.1: other Host names are refused
+    ]
     assert spec["ports"] == {"8000/tcp": ("127.0.0.1", 8000)}
     assert "-p 127.0.0.1:8000:8000" in shlex.join(docker_backend.cli_argv(spec))
     assert "ports" not in spec_for(tmp_path, gpus=False)  # batch stages publish nothing

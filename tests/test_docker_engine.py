@@ -156,6 +156,33 @@ def test_chat_web_answers_the_openai_client_and_ctrl_c_removes_it(image, smoke):
     assert not client.containers.list(all=True, filters={"label": f"{LABEL}=chat-web"})
 
 
+def test_killing_the_launchers_group_stops_and_removes_its_container(image, smoke):
+    """`setsid make chat-web BACKEND=docker; kill -9 -<pgid>`: nothing of ours is left to
+    forward a signal, yet the watchdog stops the container and removes it."""
+    client, _, args = image
+    base, result, _ = smoke
+    assert result.returncode == 0, "the smoke stages failed (see their test)"
+    make = subprocess.Popen(
+        ["make", "chat-web", "PRESET=smoke", "BACKEND=docker", f"BASE_DIR={base}"],
+        cwd=REPO,
+        env=cli_env({docker_backend.BUILD_ARGS_ENV: args}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    chat_web = {"label": f"{LABEL}=chat-web"}
+    deadline = time.monotonic() + 180
+    while not client.containers.list(filters={**chat_web, "status": "running"}):
+        assert make.poll() is None and time.monotonic() < deadline, "no chat-web container"
+        time.sleep(0.5)
+    os.killpg(make.pid, signal.SIGKILL)
+    make.wait()
+    deadline = time.monotonic() + 120
+    while client.containers.list(all=True, filters=chat_web):
+        assert time.monotonic() < deadline, "the orphaned container is still there"
+        time.sleep(0.5)
+
+
 def test_the_image_has_what_the_readme_promises(image):
     client, tag, _ = image
     probe = (

@@ -32,10 +32,15 @@ def test_an_exception_is_reported_in_one_line_with_its_traceback():
     assert 'File "program.py", line 2' in result.stderr
 
 
-def test_exit_codes_count():
-    assert execute_code("import sys; sys.exit(0)").success
+def test_exiting_is_never_a_pass():
+    # Only the runner reaching the program's end proves a pass, not the exit status: a
+    # HumanEval answer that exits before its tests run must fail (tests/test_faults_sandbox).
+    for program in ("import sys; sys.exit(0)", "raise SystemExit", "import os; os._exit(0)"):
+        result = execute_code(program)
+        assert not result.success and result.error, (program, result)
     failed = execute_code("import sys; sys.exit(3)")
-    assert not failed.success and failed.error == "SystemExit: 3"
+    assert not failed.success
+    assert failed.error == "SystemExit: 3 (the program exited before its end)"
 
 
 def test_an_endless_loop_times_out_near_the_limit():

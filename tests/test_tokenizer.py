@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nanochat import tokenizer as tokmod
-from nanochat.shards import data_dir, shard_name, write_shard
+from nanochat.shards import data_dir, list_shards, shard_name, write_shard
 from nanochat.tokenizer import (
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
@@ -225,6 +225,12 @@ def test_load_rejects_files_that_disagree(tok, tmp_path):
     lengths = tok.token_byte_lengths()
     lengths[300] += 1
     (folder / "token_bytes.json").write_text(json.dumps(lengths))
+    with pytest.raises(ValueError, match="token_bytes.json does not match the size and sha256"):
+        Tokenizer.load(folder)
+    # A tokenizer saved before the hashes existed is still cross-checked file against file.
+    meta = json.loads((folder / "tokenizer.json").read_text())
+    del meta["files"], meta["sha256"]
+    (folder / "tokenizer.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="disagree"):
         Tokenizer.load(folder)
 
@@ -461,7 +467,7 @@ def test_tok_eval_when_training_read_every_document(tmp_path, monkeypatch, capsy
 
 def test_tok_eval_held_out_text_starts_after_the_trained_documents(tmp_path):
     folder = make_dataset(tmp_path)
-    paths = sorted(folder.iterdir())[:2]
+    paths = list_shards(folder)[:2]  # the folder also holds the shards' records
     docs = make_documents(150, seed=1) + make_documents(150, seed=2)
     assert list(tok_eval.held_out_train(paths, 0, 0)) == docs
     assert list(tok_eval.held_out_train(paths, 10, 1)) == docs[10:]

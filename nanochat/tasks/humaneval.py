@@ -2,8 +2,10 @@
 
 Chat eval scores it generatively: ``evaluate`` takes the code from the model's completion (the
 first fenced block if there is one), appends the problem's tests and runs them with
-``nanochat.execution.execute_code`` (a separate, limited process; see its caveats). The
-conversation is the prompt as the user message and prompt + reference solution as the answer.
+``nanochat.execution.execute_code`` (a separate, fenced-in process; see its caveats). It is
+solved only when the runner proves that the tests ran to their end: an answer that exits,
+crashes or kills itself before them fails. The conversation is the prompt as the user
+message and prompt + reference solution as the answer.
 
 ``source="embedded"``: a dozen tiny hand-written problems in HumanEval's format (prompt,
 canonical solution, ``check(candidate)`` tests, entry point); ``source="hub"`` reads the
