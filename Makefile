@@ -57,6 +57,8 @@ check_switch = $(if $(call switch,$(1),$(call knob,$(1))),,$(error $(1) must be 
 check_empty = $(if $(and $(filter command line,$(origin $(1))),$(if $(call knob,$(1)),,empty)),$(error $(1) is empty: give it a value, or leave it out for the default))
 knob_flag = $(call check_empty,$(call spec_var,$(1)))$(if $(call given,$(call spec_var,$(1))),$(if $(filter bool,$(call spec_kind,$(1))),$(call check_switch,$(call spec_var,$(1)))$(if $(filter on,$(call switch,,$(call knob,$(call spec_var,$(1))))),$(call spec_flag,$(1))),$(call spec_flag,$(1))=$(call quote,$(call knob,$(call spec_var,$(1))))))
 FLAGS = $(strip $(foreach spec,$(KNOB_SPECS),$(call knob_flag,$(spec))))
+# Checked now, when a stage is asked for: a bad knob stops make before the venv set-up.
+KNOBS_CHECKED := $(if $(filter $(STAGES) speedrun,$(MAKECMDGOALS)),$(FLAGS))
 
 # Exit codes: GNU make exits 2 whenever a recipe fails, which would make "it broke" (1) and
 # "killed" (128+N) look like "you typed it wrong" (2). Two things pass the stage's own code
@@ -66,11 +68,17 @@ FLAGS = $(strip $(foreach spec,$(KNOB_SPECS),$(call knob_flag,$(spec))))
 ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
 EXEC :=
 else
-MAKEFLAGS += --question
+override MAKEFLAGS += --question
 EXEC := +
 endif
 # Run a command; a signal that ended it ends make the same way.
-pass_code = $(1); code=$$?; if [ $$code -gt 128 ] && [ $$code -lt 160 ]; then kill -s $$((code - 128)) $$PPID; fi; exit $$code
+# Only the signals that end a process are re-raised (HUP INT QUIT ABRT KILL PIPE TERM); make's
+# question mode stays out of the command's environment (a nested make would build nothing).
+QUIET_MAKE := env -u MAKEFLAGS -u MFLAGS
+# The shell waits after the kill: make, handling the signal, ends it (exiting at once races
+# make's own bookkeeping: "wait: No child processes", exit 2).
+pass_code = $(QUIET_MAKE) $(1); code=$$?; case $$code in 129|130|131|134|137|141|143) \
+	kill -s $$((code - 128)) $$PPID; sleep 5;; esac; exit $$code
 
 # The venv's bin/ first, so `python` and `torchrun` in stage commands are the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -92,7 +100,7 @@ $(VENV)/.installed-%: pyproject.toml
 	$(EXEC)@if [ -e $(FULL_STAMP) ] && [ $(FULL_STAMP) -nt pyproject.toml ]; then touch $@; else \
 	  echo "[nanochat] setting up $(VENV) with extras [$(subst -,$(comma),$*)] (first time: a few minutes)" \
 	  && { test -x $(PY) || $(PYTHON) -m venv $(VENV); } \
-	  && $(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(subst -,$(comma),$*)]' \
+	  && $(QUIET_MAKE) $(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(subst -,$(comma),$*)]' \
 	  && touch $@; fi
 
 $(STAGES) speedrun: $(STAMP)

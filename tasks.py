@@ -21,11 +21,15 @@ from invoke import Collection, Exit, Task
 from backends.knobs import KNOBS
 from backends.launch import launch, resolve_base_dir, speedrun
 from backends.stages import STAGES
+from nanochat import lifeline
 from nanochat.common import UsageError
 
 
 def _exit_with(run: Callable[[], int]) -> None:
-    """Run, turning a UsageError into one line + exit 2 and a failure into its exit code."""
+    """Run, turning a UsageError into one line + exit 2 and a failure into its exit code.
+    This launcher ends with whatever started it (make's shell, killed with make): SIGTERM,
+    which it forwards to the stage, so no stage runs on unwatched."""
+    lifeline.die_with_parent()
     try:
         code = run()
     except UsageError as exc:

@@ -507,14 +507,16 @@ def _run_interactive(client, spec: dict, secrets: Mapping[str, str]) -> int:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         argv = cli_argv(spec, interactive=True)
-        with watched(spec["name"]):
-            return subprocess.run(argv, env={**os.environ, **secrets}).returncode
+        with watched(spec["name"]):  # closed after the removal below: a normal end is quiet
+            try:
+                return subprocess.run(argv, env={**os.environ, **secrets}).returncode
+            finally:
+                try:
+                    client.containers.get(spec["name"]).remove(force=True)
+                except Exception:  # gone already (--rm): the usual case
+                    pass
     finally:
         signal.signal(signal.SIGINT, previous)
-        try:
-            client.containers.get(spec["name"]).remove(force=True)
-        except Exception:  # gone already (--rm): the usual case
-            pass
 
 
 def execute(plan: Plan, client=None) -> int:

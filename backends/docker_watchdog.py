@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
         container.remove(force=True)
     except docker.errors.NotFound:
         pass
+    except docker.errors.APIError:  # removal already under way (docker run --rm): done
+        pass
     return 0
 
 

@@ -36,6 +36,8 @@ import torch
 
 from nanochat import run_lock
 from nanochat.common import (
+    DiskFullError,
+    UsageError,
     atomic_path,
     atomic_write_text,
     check_free_space,
@@ -45,6 +47,7 @@ from nanochat.common import (
 )
 
 META = re.compile(r"^meta_(\d{6})\.json$")
+STEP_OF_FILE = re.compile(r"^(?:model|rank)_(\d{6})(?:_r\d+)?\.pt$")
 REPLACED = ".replaced"  # set-aside runs: a hidden folder, so neither resumed nor loaded
 KEEP_LAST = 2  # complete checkpoints kept per run (older ones are deleted after a save)
 
@@ -104,11 +107,14 @@ def save(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     keep_last: int = KEEP_LAST,
+    agree: Callable[[bool], bool] = lambda flag: flag,
 ) -> Path:
     """Write one checkpoint; every rank calls this (rank 0 passes the model state).
 
     ``barrier`` is torch.distributed.barrier under torchrun: rank 0 writes the meta only
-    after every rank has written its own file.
+    after every rank has written its own file. ``agree(flag)`` is True on every rank when
+    any rank says True (``runtime.all_agree``): a save that cannot fit on one rank's disk is
+    refused on all of them, before any writes.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -117,9 +123,14 @@ def save(
     # Refuse a save that cannot fit before writing a byte: a checkpoint that dies half
     # written costs the space and the time. Ranks on one machine share its disk.
     writers_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if rank == 0 else 1
-    check_free_space(
-        model_file(directory, step), bytes_needed(model_state, rank_state, writers_here)
-    )
+    needed = bytes_needed(model_state, rank_state, writers_here)
+    refused = None
+    try:
+        check_free_space(model_file(directory, step), needed)
+    except DiskFullError as exc:
+        refused = exc
+    if agree(refused is not None):
+        raise refused or DiskFullError(model_file(directory, step), needed, "on another rank")
     if rank == 0:
         _save_torch(model_state, model_file(directory, step))
     _save_torch(rank_state, rank_file(directory, step, rank))
@@ -199,11 +210,16 @@ def set_aside(directory: Path) -> Path | None:
 
 
 def start_point(
-    directory: Path, policy: str, master: bool = True, barrier: Callable[[], None] = lambda: None
+    directory: Path,
+    policy: str,
+    master: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    agree: Callable[[bool], bool] = lambda flag: flag,
 ) -> Found | None:
     """The checkpoint a training run continues from under its --resume ``policy`` (every
     rank calls this; rank 0 takes the tag's run lock and moves folders, the others wait at
-    ``barrier``):
+    ``barrier``; a lock held by another run stops every rank with UsageError, as decided
+    by ``agree``, see ``save``):
 
     - ``auto``: the latest usable checkpoint of the tag, if any;
     - ``never``: none; the tag's checkpoints are set aside first, so the fresh run's own
@@ -217,8 +233,15 @@ def start_point(
     """
     directory = Path(directory)
     found = None
+    busy = None
     if master:
-        run_lock.hold(directory)  # UsageError (one line) when another run holds the tag
+        try:
+            run_lock.hold(directory)
+        except UsageError as exc:  # another run holds the tag: every rank stops, before work
+            busy = exc
+    if agree(busy is not None):
+        raise busy or UsageError("rank 0 could not take the checkpoint tag's lock")
+    if master:
         for tmp in sweep_temp_files(directory):
             log(f"removed {tmp.name}, left by a save that was killed")
         if policy != "never":
@@ -291,8 +314,10 @@ def load_rank_state(found: Found, rank: int, device: str | torch.device = "cpu")
 
 def _prune(directory: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints and delete the older ones (their
-    meta first). Only complete ones count: a damaged one never takes a good one's place,
-    and none newer than the oldest kept is touched (the next start sets those aside)."""
+    meta first), and older files of saves that never got a meta (killed mid-save: never a
+    checkpoint, only space taken). Only complete ones count: a damaged one never takes a
+    good one's place, and nothing newer than the oldest kept is touched (the next start
+    sets damaged ones aside)."""
     good = []
     for step in steps(directory):
         try:
@@ -307,6 +332,7 @@ def _prune(directory: Path, keep_last: int) -> None:
     for step in steps(directory):
         if step < good[-1]:
             meta_file(directory, step).unlink(missing_ok=True)
-            model_file(directory, step).unlink(missing_ok=True)
-            for f in Path(directory).glob(f"rank_{step:06d}_r*.pt"):
-                f.unlink(missing_ok=True)
+    for f in Path(directory).glob("*.pt"):
+        found = STEP_OF_FILE.match(f.name)
+        if found and int(found.group(1)) < good[-1]:
+            f.unlink(missing_ok=True)

@@ -31,9 +31,14 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2, nothing touched."""
 
 
-class ArtifactError(RuntimeError):
-    """An artifact on disk that fails its check (a damaged shard or tokenizer file): one
-    ``error:`` line naming it and the fix, exit 1 (the work failed; the input was fine)."""
+class StageFailed(RuntimeError):
+    """The work failed for a reason its message states in one line (the input was fine):
+    ``run_main`` prints it as one ``error:`` line and exits 1."""
+
+
+class ArtifactError(StageFailed):
+    """An artifact on disk that fails its check (a damaged shard or tokenizer file): the
+    message names it and the fix."""
 
 
 def die(message: str, code: int = 2) -> None:
@@ -45,16 +50,17 @@ def die(message: str, code: int = 2) -> None:
 def run_main(main) -> None:
     """A stage script's entry point: exit with ``main()``'s code. One ``error:`` line on
     stderr instead of a traceback for: a UsageError (bad input; from rank 0 only under
-    torchrun), exit 2; a damaged artifact (ArtifactError), exit 1; a full disk
-    (DiskFullError, or any OSError with ENOSPC/EDQUOT), exit 1: the work failed, and the
-    same command resumes once there is space. The last two from whichever rank met them."""
+    torchrun), exit 2; a failure that says why (StageFailed: a damaged artifact, a sandbox
+    that did not start), exit 1; a full disk (DiskFullError, or any OSError with ENOSPC or
+    EDQUOT), exit 1, and the same command resumes once there is space. The last two from
+    whichever rank met them."""
     try:
         code = main()
     except UsageError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except ArtifactError as exc:  # from any rank: ranks read different shards
+    except StageFailed as exc:  # from any rank: ranks read different shards
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except (OSError, RuntimeError) as exc:
@@ -189,32 +195,40 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def free_bytes(path: Path | str) -> int:
+def free_bytes(path: Path | str) -> int | None:
     """Free space (for this user) on the file system holding ``path`` or its nearest
-    existing parent."""
+    existing parent; None where the file system does not say (statvfs fails, or reports a
+    size of 0, as some FUSE and network volumes do)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    return usage.free if usage.total > 0 else None
 
 
 class DiskFullError(OSError):
     """No room to write an artifact: one line naming the path, the free space there and,
-    when known, how much is needed."""
+    when known, how much is needed (``note`` adds where, e.g. "on another rank"). Without a
+    path (a full /dev/shm, say) the original error's text names what was written."""
 
-    def __init__(self, path: Path | str, needed: int | None = None):
-        where = Path(path)
-        try:
-            free = f"{human_bytes(free_bytes(where.parent))} free there"
-        except OSError:
-            free = "free space unknown"
-        need = f", about {human_bytes(needed)} needed" if needed else ""
+    def __init__(self, path: Path | str | None, needed: int | None = None, note: str | None = None):
+        if path is None:
+            what = f"({note})" if note else ""
+        else:
+            free = free_bytes(Path(path).parent)
+            there = "free space unknown" if free is None else f"{human_bytes(free)} free there"
+            need = f", about {human_bytes(needed)} needed" if needed else ""
+            extra = f", {note}" if note else ""
+            what = f"to write {path} ({there}{need}{extra})"
         super().__init__(
             errno.ENOSPC,
-            f"no space left on the device to write {where} ({free}{need}): free some space "
-            "or point BASE_DIR at a bigger disk, then run the same command again (it resumes)",
+            f"no space left on the device {what}: free some space or point BASE_DIR at a "
+            "bigger disk, then run the same command again (it resumes)",
         )
-        self.path, self.needed = where, needed
+        self.path, self.needed = (None if path is None else Path(path)), needed
 
     def __str__(self) -> str:
         return self.strerror
@@ -226,26 +240,31 @@ NEARLY_FULL_BYTES = 16 << 20
 _FULL_TEXT = ("no space left on device", "disk quota exceeded")
 
 
-def disk_full(exc: BaseException, path: Path | str | None = None) -> DiskFullError | None:
-    """The DiskFullError that ``exc`` (raised while writing ``path``) amounts to, or None
-    when it is some other failure."""
+def disk_full(
+    exc: BaseException, path: Path | str | None = None, writing: bool = False
+) -> DiskFullError | None:
+    """The DiskFullError that ``exc`` amounts to, or None when it is some other failure.
+    ``path``: the file being written; ``writing``: ``exc`` surely came from writing it (in
+    ``atomic_path``), so a nearly full disk there explains an error that does not say."""
     if isinstance(exc, DiskFullError):
         return exc
     said = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
         text in str(exc).lower() for text in _FULL_TEXT
     )
-    path = path or getattr(exc, "filename", None)
-    if not said and path is not None and isinstance(exc, (OSError, RuntimeError)):
-        with contextlib.suppress(OSError):
-            said = free_bytes(Path(path).parent) < NEARLY_FULL_BYTES
+    if not said and writing and path is not None:
+        free = free_bytes(Path(path).parent)
+        said = free is not None and free < NEARLY_FULL_BYTES
     if not said:
         return None
-    return DiskFullError(path or "an artifact")
+    path = path or getattr(exc, "filename", None)
+    return DiskFullError(path, note=None if path else one_line(exc))
 
 
 def check_free_space(path: Path | str, needed: int) -> None:
-    """Raise DiskFullError before writing ``needed`` bytes at ``path`` when they cannot fit."""
-    if free_bytes(Path(path).parent) < needed:
+    """Raise DiskFullError before writing ``needed`` bytes at ``path`` when they cannot fit
+    (nothing is refused where the file system does not report its free space)."""
+    free = free_bytes(Path(path).parent)
+    if free is not None and free < needed:
         raise DiskFullError(path, needed)
 
 
@@ -284,7 +303,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             prefix=f".{final.name}.", suffix=TEMP_SUFFIX, dir=final.parent
         )
     except OSError as exc:
-        raise (disk_full(exc, final) or exc) from None
+        raise (disk_full(exc, final, writing=True) or exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -295,7 +314,11 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         os.replace(tmp, final)
     except BaseException as exc:
         # Judge "full" while the temp file still takes its space, then free it.
-        full = disk_full(exc, final) if isinstance(exc, (OSError, RuntimeError)) else None
+        full = (
+            disk_full(exc, final, writing=True)
+            if isinstance(exc, (OSError, RuntimeError))
+            else None
+        )
         tmp.unlink(missing_ok=True)
         if full is not None and full is not exc:
             raise full from None

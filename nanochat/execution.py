@@ -1,7 +1,8 @@
 """Run untrusted Python (a model's HumanEval answer) in a separate, fenced-in process.
 
-The chat evals (``scripts/chat_eval.py``, HumanEval) call ``execute_code(program)`` with the
-model's completion plus the task's tests and count the task solved when ``success`` is True.
+HumanEval (``nanochat.answer_check``) runs the model's answer here with ``execute_code`` and
+the task's tests in a separate checker process that calls it: only right values pass, since a
+program that wants to cheat can fake what ``success`` means here (see below).
 DESIGN B.8: separate process, temp working dir, scrubbed env, stdin closed, time and memory
 limits, destructive calls disabled. Two layers fence the child in:
 
@@ -30,8 +31,9 @@ What the child gets:
   ``os.popen``, ``os.fork``, ``os.exec*``, ``os.spawn*``, ``os.posix_spawn*``, ``os.kill``,
   ``os.killpg``, ``subprocess.*``, ``pty.spawn``, ``multiprocessing``'s fork and spawn),
   network disabled (``socket.socket``, ``create_connection``, ``getaddrinfo``, ...),
-  ``ctypes`` unimportable, ``sys.settrace``/``setprofile`` disabled (a trace function could
-  rewrite the runner's variables), and every call that writes, removes or renames a path
+  ``ctypes`` unimportable, ``sys.settrace``/``setprofile`` refused a function (a trace
+  function could rewrite the runner's variables; None is allowed), no setuid privileges
+  (``PR_SET_NO_NEW_PRIVS``), and every call that writes, removes or renames a path
   (``open`` for writing, ``os.open`` with write flags, ``os.remove``/``unlink``/``rmdir``/
   ``mkdir``/``rename``/``replace``/``link``/``symlink``/``truncate``/``chmod``/``chown``,
   ``shutil.rmtree``) refused with PermissionError unless the path lies inside its directory.
@@ -48,11 +50,12 @@ nonce is not in the process's memory until the program is done.
 
 What this does NOT protect against
 ----------------------------------
-The answer and the tests run in one interpreter, so a program written to cheat can still
-fake its own pass under every layer: read the nonce from the inherited descriptor itself
-(its number is on the runner's command line) and write the proof, or defeat the tests
-(return objects that compare equal to anything, replace builtins the tests call). Only a
-deliberate attack does that, and it buys a wrong score, nothing more.
+The runner and the program share one interpreter, so a program written to cheat can still
+fake ``success`` under every layer: re-enter the runner (it is the ``__main__`` module), read
+the nonce from the inherited descriptor and write the proof, or defeat tests run in the
+same process (objects equal to anything). That is why HumanEval's tests never run here but
+in ``nanochat.answer_check``'s checker; ``success`` here means "ran to its end" for honest
+programs only.
 
 The guard alone is not a security boundary: a program can undo its patches (recover the
 originals through ``gc``, ``posix``, ``_io``, ``_socket``) and then, as uid 65534 (root
@@ -274,8 +277,21 @@ for _name in ("socket", "create_connection", "create_server", "socketpair", "fro
     if hasattr(socket, _name):
         setattr(socket, _name, _refuse("socket." + _name + " (no network)"))
 _socket.socket = _refuse("socket (no network)")
-sys.settrace = _refuse("sys.settrace")
-sys.setprofile = _refuse("sys.setprofile")
+def _no_tracer(name, original):
+    # Turning tracing off is harmless (doctest.testmod() calls settrace(None)); a trace
+    # function could rewrite the runner's variables, so none may be set.
+    def only_none(function):
+        if function is not None:
+            raise PermissionError(f"sandbox: {name} with a function is disabled")
+        return original(None)
+    return only_none
+sys.settrace = _no_tracer("sys.settrace", sys.settrace)
+sys.setprofile = _no_tracer("sys.setprofile", sys.setprofile)
+try:  # no setuid program (su, mount) regains privileges; bubblewrap sets this already
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+except (ImportError, OSError, AttributeError):
+    pass
 sys.modules["ctypes"] = None
 sys.modules["_ctypes"] = None
 
@@ -357,8 +373,11 @@ def _drain(fd: int) -> bytes:
     return data
 
 
-def _run(layer: Layer, code: str, timeout_s: float, memory_mb: int) -> ExecutionResult:
-    """Run ``code`` once under ``layer``. SandboxError when the fence itself failed."""
+def _run(
+    layer: Layer, code: str, timeout_s: float, memory_mb: int, pass_fds: tuple[int, ...] = ()
+) -> ExecutionResult:
+    """Run ``code`` once under ``layer``. SandboxError when the fence itself failed.
+    ``pass_fds``: more descriptors the program inherits; closed here once it started."""
     nonce = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="nanochat-exec-", ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
@@ -394,13 +413,13 @@ def _run(layer: Layer, code: str, timeout_s: float, memory_mb: int) -> Execution
         nonce_r, nonce_w = os.pipe()
         proof_r, proof_w = os.pipe()
         info_r, info_w = os.pipe() if layer.name == "bwrap" else (-1, -1)
-        open_fds = [nonce_r, nonce_w, proof_r, proof_w, info_r, info_w]
+        open_fds = [nonce_r, nonce_w, proof_r, proof_w, info_r, info_w, *pass_fds]
         try:
             os.write(nonce_w, nonce.encode())  # 32 bytes: the pipe holds them until read
             config.update(nonce_fd=nonce_r, proof_fd=proof_w)
             command = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _RUNNER]
             command.append(json.dumps(config))
-            child_fds = [nonce_r, proof_w]
+            child_fds = [nonce_r, proof_w, *pass_fds]
             if layer.name == "bwrap":
                 command = bwrap_argv(layer, str(program), info_w, env, command)
                 child_fds.append(info_w)
@@ -422,9 +441,9 @@ def _run(layer: Layer, code: str, timeout_s: float, memory_mb: int) -> Execution
                 for fd in [nonce_w, *child_fds]:  # the parent keeps only the read ends
                     os.close(fd)
                     open_fds.remove(fd)
-                if layer.name == "bwrap":
-                    init = sandbox_init(info_r, deadline)
                 try:
+                    if layer.name == "bwrap":
+                        init = sandbox_init(info_r, deadline)
                     proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     timed_out = True
@@ -499,11 +518,11 @@ def _judge(
         error = f"timed out after {timeout_s:g} s"
     elif cpu_limit:
         error = f"CPU time limit ({cpu_s} s) exceeded"
-    elif status.get("error"):
-        error = _one_line(str(status["error"]))
+    elif status.get("type") is not None:
+        error = _one_line(str(status.get("error") or status["type"]))
     elif returncode != 0:
-        how = f"killed by signal {signum}" if signum else f"exit code {returncode}"
-        error = f"the interpreter failed ({how})"
+        how = f"killed by signal {signum}" if signum else f"exited with code {returncode}"
+        error = f"the program stopped before its end ({how})"
         if memory_exceeded:
             error += ": out of memory"
     elif not proven:
@@ -539,11 +558,14 @@ def sandbox_description() -> str:
     return active_layer().description()
 
 
-def execute_code(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> ExecutionResult:
+def execute_code(
+    code: str, timeout_s: float = 5.0, memory_mb: int = 512, pass_fds: tuple[int, ...] = ()
+) -> ExecutionResult:
     """Run ``code`` as a Python program in a fenced-in child process and report what happened.
 
     ``timeout_s`` is wall-clock time (sandbox and interpreter start included); ``memory_mb``
-    caps the child's address space. Safe to call from several threads at once. Raises
+    caps the child's address space; ``pass_fds`` are descriptors the program inherits (this
+    call closes them once the program started). Safe to call from several threads. Raises
     SandboxError when the fence itself failed (the run proves nothing either way). Read the
     module docstring, "What this does NOT protect against", before pointing it at hostile
     code.
@@ -552,4 +574,4 @@ def execute_code(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> Exe
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     if not isinstance(memory_mb, int) or memory_mb < 1:
         raise ValueError(f"memory_mb must be a positive integer, got {memory_mb!r}")
-    return _run(active_layer(), code, timeout_s, memory_mb)
+    return _run(active_layer(), code, timeout_s, memory_mb, tuple(pass_fds))

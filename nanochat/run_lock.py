@@ -6,17 +6,24 @@ checkpoints and prune each other's. Every training stage takes this lock through
 ``checkpoint.start_point`` before it looks at the folder, and holds it until it exits.
 
 The lock is a small JSON file beside the tag's folder, ``<kind>_checkpoints/.<tag>.lock``,
-created with O_EXCL (atomic on local disks, NFS v3+ and Modal volumes alike). It records
-who holds it (host, boot id, pid and the pid's start time, the command, a run id) and a
+created with O_EXCL (atomic on a local disk and on NFS v3+). It records who holds it (host,
+boot id, pid namespace, pid and the pid's start time, the command, a run id) and a
 heartbeat: its mtime, touched every ``HEARTBEAT_S`` by a daemon thread. A lock is stale,
 and taken over with a note, when
 
-- its holder ran on this machine (same host and boot) and that process is gone, or
+- its holder ran on this machine (same host, boot and pid namespace) and that process is
+  gone, or
 - its holder ran elsewhere (another container or node: its pid means nothing here) and the
   heartbeat stopped more than ``STALE_S`` ago, or
 - it carries our own run id: the same Modal function call, retried after a preemption.
 
 Otherwise the run stops before any work with one line naming the holder and what to do.
+
+On a Modal volume the file is only as good as the volume's consistency: another container
+sees it after the holder's next commit (the backend commits with every checkpoint), and its
+heartbeat from then on, so two runs of one tag started at the same moment from two laptops
+are not stopped there; the speedrun's own lease (``backends.modal_app``) keeps one speedrun
+per workspace.
 """
 
 from __future__ import annotations
@@ -71,11 +78,18 @@ def _alive(pid: int, started: str) -> bool:
     return not (started and now and now != started)
 
 
+def _pid_namespace() -> str:
+    with contextlib.suppress(OSError):
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    return ""
+
+
 def _me() -> dict:
     pid = os.getpid()
     return {
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
         "pid": pid,
         "pid_start": _start_time(pid),
         "run_id": os.environ.get(RUN_ID_ENV, ""),
@@ -91,7 +105,7 @@ def _why_stale(holder: dict | None, age_s: float, me: dict) -> str | None:
         return f"an unreadable lock file, untouched for {age_s:.0f} s" if age_s > STALE_S else None
     if me["run_id"] and holder.get("run_id") == me["run_id"]:
         return f"an earlier attempt of this same run ({me['run_id']})"
-    here = holder.get("host") == me["host"] and holder.get("boot_id") == me["boot_id"]
+    here = all(holder.get(k) == me[k] for k in ("host", "boot_id", "pid_ns"))
     if here:
         pid = int(holder.get("pid", 0))
         if pid and not _alive(pid, str(holder.get("pid_start", ""))):
@@ -100,6 +114,18 @@ def _why_stale(holder: dict | None, age_s: float, me: dict) -> str | None:
     if age_s > STALE_S:
         return f"host {holder.get('host')}, silent for {age_s / 60:.0f} min"
     return None
+
+
+GONE = {"gone": True}  # _read's answer when the file vanished (released meanwhile)
+
+
+def _load(path: Path) -> dict | None:
+    """A lock file's record; None when it is missing, unreadable or not a JSON object."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class RunLock:
@@ -121,6 +147,8 @@ class RunLock:
                 atexit.register(self.release)
                 return
             holder, age_s = self._read()
+            if holder is GONE:
+                continue  # released between our try and our look: try again
             if (
                 holder is not None
                 and holder.get("pid") == me["pid"]
@@ -138,6 +166,12 @@ class RunLock:
                 os.rename(self.path, stale)
             except FileNotFoundError:
                 continue
+            moved = _load(stale)
+            if moved != holder:  # another run took over in between: that lock is live
+                with contextlib.suppress(OSError):
+                    os.link(stale, self.path)  # put it back, unless a third run came
+                stale.unlink(missing_ok=True)
+                continue
             stale.unlink(missing_ok=True)
             log(f"took over the lock on {self.directory.name} held by {reason}")
         raise UsageError(f"could not take the lock {self.path}: other runs keep taking it")
@@ -154,14 +188,15 @@ class RunLock:
         return True
 
     def _read(self) -> tuple[dict | None, float]:
+        """(the holder's record, or None when unreadable, or GONE; heartbeat age in s)."""
         try:
             age_s = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return None, 0.0  # released meanwhile: the next try creates it
-        except (OSError, ValueError):
-            return None, age_s
-        return (holder if isinstance(holder, dict) else None), age_s
+            return GONE, 0.0
+        except OSError:
+            return None, 0.0
+        holder = _load(self.path)
+        return (holder, age_s)
 
     def _busy_message(self, holder: dict | None, age_s: float) -> str:
         if holder is None:
@@ -199,7 +234,8 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
-        if self.record is not None and self.holds():
+        mine = self.record is not None and self.record["pid"] == os.getpid()  # not a fork's
+        if mine and self.holds():
             self.path.unlink(missing_ok=True)
         self.record = None
 

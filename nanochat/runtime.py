@@ -51,6 +51,10 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def agree(self, flag: bool) -> bool:
+        """``all_agree``: True on every rank when any rank says True."""
+        return all_agree(flag, self)
+
     def memory_bytes(self) -> int | None:
         """The memory one process of this run may use: its GPU's total memory, or on CPU
         the machine's available memory (within a cgroup limit) shared by the processes on

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nanochat.common import UsageError
+from nanochat.common import StageFailed, UsageError
 
 SANDBOX_ENV = "NANOCHAT_SANDBOX"
 CHOICES = ("auto", "bwrap", "guard")
@@ -60,7 +60,7 @@ SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")  # the loader's cache, the
 KILL_GRACE_S = 10.0  # after SIGKILL to the sandbox's init: the kernel empties the namespace
 
 
-class SandboxError(RuntimeError):
+class SandboxError(StageFailed):
     """The sandbox itself failed (not the program in it): the run proves nothing."""
 
     def __init__(self, layer: str, why: str):
@@ -202,8 +202,6 @@ def bwrap_argv(
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
-    for path in SYSTEM_FILES:
-        args += ["--ro-bind-try", path, path]
     made = {"/"}
 
     def folders_to(path: str) -> list[str]:
@@ -217,6 +215,9 @@ def bwrap_argv(
                 made_now += ["--perms", "0755", "--dir", folder]
                 made.add(folder)
         return made_now
+
+    for path in SYSTEM_FILES:  # /etc itself made 0755 first: uid 65534 reads these files
+        args += [*folders_to(path), "--ro-bind-try", path, path]
 
     for root in _interpreter_roots():
         args += [*folders_to(root), "--ro-bind", root, root]

@@ -153,7 +153,7 @@ def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
         "lr_scale": args.lr_scale,
     }
     start_step = 0
-    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
+    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier, rt.agree)
     if found:
         start_step = resume(found, run_config, model, optimizer, loader, rt)
     bytes_per_token = token_bytes(tokenizer, rt.device)
@@ -420,13 +420,14 @@ def check_memory(args, vocab_size: int, rt) -> None:
 
     have = rt.memory_bytes()
     need = dial.least_training_bytes(args.depth, vocab_size, args.device_batch, args.seq_len)
-    if have is not None and need > have:
+    if rt.agree(have is not None and need > have):  # every rank stops, or none
         where = "per GPU" if rt.device.type == "cuda" else "available per process"
         raise UsageError(
             f"depth {args.depth} needs at least {human_bytes(need)} to train "
             f"({dial.total_params(args.depth, vocab_size) / 1e6:,.0f}M parameters with their "
-            f"gradients and optimizer state), and this machine has {human_bytes(have)} "
-            f"{where}: choose a smaller DEPTH (or --device-batch)"
+            f"gradients and optimizer state), and this machine has "
+            f"{human_bytes(have) if have else 'less'} {where}: choose a smaller DEPTH "
+            "(or --device-batch)"
         )
 
 
@@ -461,6 +462,7 @@ def save(ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb) 
         rank=rt.rank,
         world_size=rt.world_size,
         barrier=dist.barrier if rt.distributed else (lambda: None),
+        agree=rt.agree,
     )
     if rt.master:
         log(f"checkpoint step {step} -> {ckpt_dir}")

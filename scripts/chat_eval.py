@@ -317,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             from nanochat.execution import sandbox_description
 
             line = sandbox_description()  # a layer asked for and not available: UsageError
-            if os.environ.get("RANK", "0") == "0":
+            rank = os.environ.get("RANK", "0")
+            if rank == "0":
                 log(line)
+            elif not line.startswith("sandbox: bubblewrap"):  # a rank that fell back says so
+                log(f"rank {rank}: {line}")
     except UsageError as exc:
         _fail(str(exc))
 

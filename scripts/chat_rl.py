@@ -228,7 +228,7 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
         "seed": args.seed,
     }
     start_step = 0
-    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
+    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier, rt.agree)
     if found:
         start_step = resume(found, run_config, model, optimizer, order, rt)
     stop = train_loop.Stop()

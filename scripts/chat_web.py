@@ -93,6 +93,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import nanochat
@@ -338,12 +339,16 @@ def parse_request(body: bytes) -> ChatRequest:
     """The request body as a ChatRequest; ApiError(400) with the first problem otherwise."""
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    try:  # UTF-8 only (RFC 8259): json.loads(bytes) would also take UTF-16, whose bytes
+        text = body.decode("utf-8")  # hide brackets from the depth scan
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the body is not UTF-8 JSON: {one_line(exc)}") from None
     if json_depth(body) > MAX_JSON_DEPTH:  # before json.loads recurses into it
         raise ApiError(
             400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
         )
     try:
-        data = json.loads(body, parse_constant=_no_constant)  # NaN, Infinity
+        data = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {one_line(exc)}") from None
     if not isinstance(data, dict):
@@ -982,6 +987,12 @@ def create_app(service: Service):
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # 404 (a wrong path or base_url), 405: the same error shape as every other answer
+        error = ApiError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}")
+        return _error_response(error)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):

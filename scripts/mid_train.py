@@ -285,7 +285,7 @@ def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: 
         "lr_frac": stage.lr_frac,
     }
     start_step = 0
-    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier)
+    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier, rt.agree)
     if found:
         start_step = resume(found, run_config, model, optimizer, loader, rt)
         # Not compared by resume (a resumed run does not warm-start): carried over.

@@ -150,6 +150,7 @@ def test_a_lock_left_by_a_crashed_run_on_this_machine_is_taken_over(toy):
         lock_of(toy),
         host=socket.gethostname(),
         boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        pid_ns=str(os.stat("/proc/self/ns/pid").st_ino),
         pid=dead_pid(),
     )
     result = train([*LONG, "--stop-at=1"])
@@ -190,3 +191,35 @@ def test_the_heartbeat_keeps_a_long_run_fresh(tmp_path, monkeypatch):
     finally:
         lock.release()
     assert not lock.path.exists()
+
+
+def test_sigterm_to_make_alone_stops_the_stage_cleanly(toy):
+    """make dies of it at once (its recipe shell too); the stage must not run on unwatched:
+    the launcher, orphaned, gets SIGTERM from the kernel and hands it to the stage."""
+    make = start(["make", "pretrain", f"BASE_DIR={toy}", f"ARGS={' '.join(LONG)}"])
+    pid = wait_for(lambda: a_checkpoint(toy) and holder_pid(toy), "the trainer's first save")
+    make.send_signal(signal.SIGTERM)
+    make.wait(timeout=30)
+    wait_for(lambda: not alive(pid), f"the trainer (pid {pid}) to stop after make")
+    assert not lock_of(toy).exists()
+
+
+def test_a_busy_tag_stops_every_torchrun_worker_with_one_line(toy):
+    """Rank 0 finds the tag taken; the other rank must not go on without the lock."""
+    first = start([sys.executable, "-m", "scripts.base_train", *LONG])
+    try:
+        wait_for(lambda: holder_pid(toy), "the first run to take the tag")
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        argv = [torchrun, "--standalone", "--nproc-per-node=2", "-m", "scripts.base_train"]
+        second = subprocess.run(
+            [*argv, *LONG], cwd=REPO, env=cli_env({"OMP_NUM_THREADS": "1"}),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert second.returncode != 0
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "another run is using the checkpoints" in errors[0]
+        assert "Connection closed by peer" not in second.stderr, second.stderr[-3000:]
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)

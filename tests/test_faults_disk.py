@@ -142,3 +142,45 @@ def test_temp_files_of_a_killed_save_are_swept_at_the_next_start(toy):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "removed .model_000002.pt.k3j4.tmp, left by a save that was killed" in result.stderr
     assert not any(p.exists() for p in [*stale, log_tmp])
+
+
+def test_converting_documents_onto_a_full_disk_is_one_line(small_disk, tmp_path):
+    """pyarrow's ENOSPC while writing a shard: one line, exit 1, no temp file, and the rerun
+    after freeing space finishes the job."""
+    import random
+    import string
+
+    source = tmp_path / "docs"
+    source.mkdir()
+    rng = random.Random(0)
+    for i in range(4):  # random letters: parquet cannot compress them below the free space
+        docs = ("".join(rng.choices(string.ascii_letters + " ", k=1000)) for _ in range(3000))
+        (source / f"doc{i}.txt").write_text("\n\n".join(docs))
+    filler = fill(small_disk, leave=8 << 20)
+    base = small_disk / "base"
+    argv = [sys.executable, "-m", "nanochat.dataset", "--dataset=mydocs", f"--source={source}"]
+    env = cli_env({"NANOCHAT_BASE_DIR": str(base)})
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the device to write ") and ".parquet" in last
+    assert "Traceback" not in result.stderr and temp_files(base) == []
+    filler.unlink()
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_files_of_a_save_killed_before_its_meta_are_pruned_with_the_old_ones(toy):
+    """model/rank files without a meta never were a checkpoint: once two newer complete ones
+    exist they go with the pruning, instead of holding their space forever."""
+    folder = checkpoint.checkpoint_dir(toy, "base", "d2")
+    folder.mkdir(parents=True)
+    leftovers = [checkpoint.model_file(folder, 1), checkpoint.rank_file(folder, 1, 0)]
+    for path in leftovers:
+        path.write_bytes(b"\0" * 1024)
+    result = train([*RUN, "--num-steps=6", "--save-every=2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert checkpoint.steps(folder) == [6, 4]
+    assert not any(p.exists() for p in leftovers)
+    assert sorted(p.name for p in folder.glob("*.pt")) == [
+        "model_000004.pt", "model_000006.pt", "rank_000004_r0.pt", "rank_000006_r0.pt"]  # fmt: skip

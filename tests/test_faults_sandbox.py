@@ -430,6 +430,25 @@ for fd in range(3, 256):  # any inherited descriptor, in the shape of a report
 os._exit(0)
 """
 
+# What a reward-hacking answer can do inside its own interpreter (the runner is the
+# __main__ module): re-enter the runner, find it through gc, or read the real nonce and write
+# the proof itself. Each made a wrong answer pass while the tests ran in that interpreter.
+FORGE_BY_REENTERING_THE_RUNNER = "import __main__\n__main__._run('')\n"
+FORGE_THROUGH_GC_FUNCTIONS = """
+import gc
+for obj in gc.get_objects():
+    code = getattr(obj, "__code__", None)
+    if getattr(obj, "__name__", "") == "_run" and "NONCE_FD" in getattr(code, "co_names", ()):
+        obj("pass")
+"""
+FORGE_WITH_THE_REAL_NONCE = """
+import __main__, json, os
+nonce = os.read(__main__.NONCE_FD, 64).decode()
+report = {"status": {"error": None, "type": None}, "proof": nonce}
+os.write(__main__.PROOF_FD, (json.dumps(report) + "\\n").encode())
+os._exit(0)
+"""
+
 EARLY_EXITS = {
     "sys.exit(0)": "import sys\nsys.exit(0)\n",
     "exit()": "exit()\n",
@@ -438,6 +457,9 @@ EARLY_EXITS = {
     "SIGKILL": "import posix\nposix.kill(posix.getpid(), 9)\n",
     "gc and os._exit(0)": FORGE_THROUGH_GC,
     "descriptors and os._exit(0)": FORGE_THROUGH_DESCRIPTORS,
+    "re-entering the runner": FORGE_BY_REENTERING_THE_RUNNER,
+    "gc hunting the runner": FORGE_THROUGH_GC_FUNCTIONS,
+    "the real nonce": FORGE_WITH_THE_REAL_NONCE,
 }
 
 
@@ -457,6 +479,47 @@ def test_a_right_answer_passes_and_a_wrong_one_fails(layer, add_problem):
 def test_a_wrong_answer_that_exits_before_the_tests_fails(layer, add_problem, exit_how):
     completion = f"```python\n{WRONG_ADD}{EARLY_EXITS[exit_how]}```"
     verdict(f"forge {exit_how}", layer, HumanEval().evaluate(add_problem, completion))
+
+
+def test_an_answer_equal_to_anything_fails(layer, add_problem):
+    """Only plain values reach the tests: an object whose __eq__ says yes cannot."""
+    cheat = "class Yes:\n    def __eq__(self, other):\n        return True\n"
+    completion = f"```python\n{cheat}def add(a, b):\n    return Yes()\n```"
+    verdict("forge always-equal", layer, HumanEval().evaluate(add_problem, completion))
+
+
+RIGHT_ANSWERS = {
+    "doctest at the end": 'def add(a, b):\n    """\n    >>> add(1, 2)\n    3\n    """\n'
+    '    return a + b\nif __name__ == "__main__":\n    import doctest\n    doctest.testmod()\n',
+    "numpy values": "import numpy as np\ndef add(a, b):\n    return np.int64(a) + np.int64(b)\n",
+    "printing": "def add(a, b):\n    print('adding', a, b)\n    return a + b\n",
+}
+
+
+@pytest.mark.parametrize("how", list(RIGHT_ANSWERS))
+def test_right_answers_pass_however_they_are_written(layer, add_problem, how):
+    assert HumanEval().evaluate(add_problem, f"```python\n{RIGHT_ANSWERS[how]}```")
+
+
+def test_the_tests_receive_values_and_exceptions_as_the_answer_gave_them(layer):
+    from nanochat.answer_check import check_answer
+
+    answer = (
+        "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n"
+        "    return (x, [x], {x: {x}}, b'x', 1.5, None, True, float('inf'))\n"
+    )
+    test = (
+        "def check(candidate):\n"
+        "    assert candidate(2) == (2, [2], {2: {2}}, b'x', 1.5, None, True, float('inf'))\n"
+        "    assert candidate(1)[6] is True and type(candidate(1)[0]) is int\n"
+        "    try:\n        candidate(-1)\n    except ValueError as e:\n"
+        "        assert str(e) == 'negative'\n    else:\n        assert False\n"
+    )
+    result = check_answer(answer, "f", "def f(x):\n    pass\n", test)
+    assert result.success, result.error
+    generator = "def f(x):\n    yield x\n"
+    result = check_answer(generator, "f", "", "def check(candidate):\n    candidate(1)\n")
+    assert not result.success and "builtins.generator" in result.error
 
 
 # --- bubblewrap as an unprivileged user ---------------------------------------------------

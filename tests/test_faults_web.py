@@ -41,7 +41,8 @@ def servers(tmp_path_factory):
     model = ("--source", "base", "--tag", "d2")
     started = {
         "main": Server(base, *model, "--workers", "1", name="faults-main"),
-        "open": Server(base, *model, "--host", "0.0.0.0", name="faults-open"),
+        # Any Host, as on every interface behind Modal's proxy; listening on 127.0.0.1 only.
+        "open": Server(base, *model, "--allowed-hosts", "*", name="faults-open"),
         "named": Server(base, *model, "--allowed-hosts", "chat.example", name="named"),
     }
     try:
@@ -297,7 +298,7 @@ def test_only_json_from_the_servers_own_origin_and_names(servers):
         assert status == 200 and reply["choices"][0]["message"]["content"] == "Hi ", reply
     status, page = call(main, None, {"Sec-Fetch-Site": "cross-site"}, "GET", "/")
     assert status == 200 and "<html" in page.lower()
-    # On every interface, as behind Modal's proxy: any Host, but only its own origin.
+    # Any Host, as behind Modal's proxy, but only its own origin.
     public = {"Host": "me--nanochat-chat-web.modal.run"}
     for headers in (
         {**public, "Origin": "https://me--nanochat-chat-web.modal.run"},
@@ -507,3 +508,17 @@ def test_the_answer_names_the_model_the_request_asked_for(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     status, reply = call(server, {"messages": USER, "model": "m" * 300})
     assert_error(reply, status, 400, param="model")
+
+
+def test_every_error_has_the_api_shape_and_a_utf16_body_is_refused(server):
+    """A wrong path (a base_url without /v1) or method gets OpenAI's error shape too; a
+    UTF-16 body, which json.loads would take, cannot slip brackets past the depth limit."""
+    status, reply = call(server, None, {}, "GET", "/chat/completions")
+    assert_error(reply, status, 404, code="http_404")
+    status, reply = call(server, None, {}, "PUT", "/v1/models")
+    assert_error(reply, status, 405, code="http_405")
+    hidden = '{"x":"\u0122","messages":[{"role":"user","content":"hi"}],"y":' + "[" * 900
+    body = (hidden + "]" * 900 + "}").encode("utf-16-le")
+    status, reply = call(server, body)
+    assert_error(reply, status, 400)
+    assert "not valid JSON" in reply["error"]["message"]  # NULs where UTF-16 has zeros

@@ -1,11 +1,11 @@
 """HumanEval: write a Python function from its signature and docstring; tests decide.
 
 Chat eval scores it generatively: ``evaluate`` takes the code from the model's completion (the
-first fenced block if there is one), appends the problem's tests and runs them with
-``nanochat.execution.execute_code`` (a separate, fenced-in process; see its caveats). It is
-solved only when the runner proves that the tests ran to their end: an answer that exits,
-crashes or kills itself before them fails. The conversation is the prompt as the user
-message and prompt + reference solution as the answer.
+first fenced block if there is one) and has ``nanochat.answer_check`` score it: the answer runs
+in the sandbox (``nanochat.execution``), the problem's tests in a separate checker process that
+calls it and receives plain values back, so nothing the answer does (exit early, fake a proof,
+return an object equal to anything) can make the tests pass; only right values can. The
+conversation is the prompt as the user message and prompt + reference solution as the answer.
 
 ``source="embedded"``: a dozen tiny hand-written problems in HumanEval's format (prompt,
 canonical solution, ``check(candidate)`` tests, entry point); ``source="hub"`` reads the
@@ -81,13 +81,13 @@ def extract_code(completion: str) -> str:
     return match.group(1) if match else completion
 
 
-def build_program(problem: Problem, completion: str) -> str:
-    """The program that passes iff ``completion`` solves ``problem``: its code (with the
-    prompt prepended when the completion is only a function body), the tests, the call."""
+def answer_code(problem: Problem, completion: str) -> str:
+    """The code of an answer: the completion's (its first fenced block if it has one), with
+    the prompt prepended when it is only a function body."""
     code = extract_code(completion)
     if f"def {problem.entry_point}" not in code:
         code = problem.prompt + code
-    return f"{code}\n\n{problem.test}\ncheck({problem.entry_point})\n"
+    return code
 
 
 class HumanEval(Task):
@@ -120,9 +120,12 @@ class HumanEval(Task):
             self._items.append(conversation)
 
     def evaluate(self, conversation: dict, completion: str, timeout_s: float = 5.0) -> bool:
-        from nanochat.execution import execute_code
+        from nanochat.answer_check import check_answer
 
         problem = Problem(
             conversation["entry_point"], conversation["prompt"], "", conversation["test"]
         )
-        return execute_code(build_program(problem, completion), timeout_s=timeout_s).success
+        code = answer_code(problem, completion)
+        return check_answer(
+            code, problem.entry_point, problem.prompt, problem.test, timeout_s
+        ).success
