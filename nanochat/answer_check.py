@@ -18,7 +18,15 @@ their Python values), decoded without running any code. The checker's exit is th
 the answer can return wrong values or stop answering, never make the tests pass. An answer
 that returns something else (a generator, an object of its own class) fails with a line
 saying so. An exception the answer raises reaches the tests as the built-in exception of
-that name (others as ``AnswerError``), so tests that expect one still work.
+that name (others, and StopIteration, as ``AnswerError``), so tests that expect one still
+work. Subclasses of the built-in containers (Counter, namedtuple) arrive as their base.
+
+The tests stay out of the answer's reach only as far as the sandbox keeps it from reading
+them: they reach the checker in a file of a 0700 folder, never on a command line. Under
+bubblewrap the answer sees none of the caller's files. Under the guard alone it can read
+what its uid may read: as uid 65534 (a root caller) world-readable files only; as the
+caller's own uid (the guard without the switch), the dataset's files too, so a deliberate
+cheat could look the expected values up. chat-eval's ``sandbox:`` line says which applies.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanochat.execution import KEEP_OUTPUT_CHARS, ExecutionResult, execute_code
+from nanochat.execution import KEEP_OUTPUT_CHARS, ExecutionResult, active_layer, execute_code
 
 MAX_MESSAGE_BYTES = 16 << 20  # one call's arguments or result
 CHECKER_MEMORY_MB = 1024
@@ -48,14 +56,16 @@ _nc_write, _nc_read = _nc_os.write, _nc_os.read
 def _nc_encode(v, depth=0):
     if depth > 100:
         raise TypeError("nested more than 100 deep")
-    if v is None or isinstance(v, (bool, int, float, str)):
+    if v is None or type(v) in (bool, int, float, str):
         return v
-    if isinstance(v, (list, tuple, set, frozenset)):
-        tag = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset"}.get(type(v))
-        if tag is None:
-            raise TypeError(f"a {type(v).__name__}")
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, (int, float, str)):  # a subclass (an enum, an int whose == lies): its value
+        return next(t for t in (int, float, str) if isinstance(v, t))(v)
+    if isinstance(v, (list, tuple, set, frozenset)):  # subclasses too (a namedtuple): as the base
+        tag = next(t.__name__ for t in (list, tuple, frozenset, set) if isinstance(v, t))
         return {"t": tag, "v": [_nc_encode(x, depth + 1) for x in v]}
-    if type(v) is dict:
+    if isinstance(v, dict):  # Counter, defaultdict, OrderedDict: as a dict
         pairs = [[_nc_encode(k, depth + 1), _nc_encode(x, depth + 1)] for k, x in v.items()]
         return {"t": "dict", "v": pairs}
     if isinstance(v, bytes):
@@ -111,8 +121,9 @@ def _nc_receive(fd):
     return _nc_json.loads(data)
 """.replace("@MAX_MESSAGE_BYTES@", str(MAX_MESSAGE_BYTES))
 
-# Appended to the answer's code in the sandbox: serve calls of the entry point until the
-# checker closes its end.
+# The program in the sandbox: the codec, then the answer run in a namespace of its own (its
+# helpers and names cannot clash with the codec's), then serving calls of the entry point
+# until the checker closes its end.
 SERVE = r"""
 
 def _nc_serve_calls(function, requests, replies):
@@ -131,13 +142,16 @@ def _nc_serve_calls(function, requests, replies):
             reply = {"unsendable": f"returned {exc}, which the tests cannot receive"}
         _nc_send(replies, reply)
 
-_nc_serve_calls(@ENTRY@, @REQUESTS@, @REPLIES@)
+_nc_answer = {"__name__": "__main__", "__builtins__": __builtins__}
+exec(compile(@ANSWER@, "answer.py", "exec"), _nc_answer)
+_nc_serve_calls(_nc_answer[@ENTRY@], @REQUESTS@, @REPLIES@)
 """
 
 # The checker: the problem's prompt and tests, ``candidate`` calling the answer.
 CHECKER = r"""
 import builtins, resource, sys
-cfg = _nc_json.loads(sys.argv[1])
+with open(sys.argv[1], encoding="utf-8") as _f:  # in a folder only this user can read
+    cfg = _nc_json.load(_f)
 for _which, _value in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_CPU, cfg["cpu"]),
                        (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(_which, (_value, _value))
@@ -155,12 +169,15 @@ def candidate(*args, **kwargs):
     if "unsendable" in reply:
         raise AnswerError(reply["unsendable"])
     kind = getattr(builtins, str(reply["raised"]), None)
-    if not (isinstance(kind, type) and issubclass(kind, Exception)):
+    if not (isinstance(kind, type) and issubclass(kind, Exception)) or issubclass(
+        kind, (StopIteration, StopAsyncIteration)  # would end the tests' own loops quietly
+    ):
         kind = AnswerError
     raise kind(reply["message"])
 
 namespace = {"__name__": "__main__"}
 exec(compile(cfg["prompt"], "prompt.py", "exec"), namespace)
+namespace[cfg["entry_point"]] = candidate  # some tests call the function by its name
 exec(compile(cfg["test"], "test.py", "exec"), namespace)
 namespace["check"](candidate)
 print("passed")
@@ -175,26 +192,34 @@ def check_answer(
     ``stdout``/``stderr`` are the answer's; ``error`` says why it failed, in one line."""
     if not entry_point.isidentifier():
         raise ValueError(f"not a function name: {entry_point!r}")
-    requests_r, requests_w = os.pipe()
-    replies_r, replies_w = os.pipe()
-    serve = SERVE.replace("@ENTRY@", entry_point).replace("@REQUESTS@", str(requests_r))
-    serve = serve.replace("@REPLIES@", str(replies_w))
-    served = f"{answer}\n{CODEC}{serve}"
-    config = {
-        "requests": requests_w,
-        "replies": replies_r,
-        "prompt": prompt,
-        "test": test,
-        "memory": CHECKER_MEMORY_MB << 20,
-        "cpu": int(timeout_s) + 2,
-    }
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    with tempfile.TemporaryDirectory(prefix="nanochat-check-") as tmp:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    active_layer()  # a sandbox that cannot run fails here, before any process or pipe
+    with tempfile.TemporaryDirectory(prefix="nanochat-check-") as tmp:  # 0700: ours only
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        serve = SERVE.replace("@ENTRY@", repr(entry_point)).replace("@ANSWER@", repr(answer))
+        serve = serve.replace("@REQUESTS@", str(requests_r)).replace("@REPLIES@", str(replies_w))
+        config = {
+            "requests": requests_w,
+            "replies": replies_r,
+            "entry_point": entry_point,
+            "prompt": prompt,
+            "test": test,
+            "memory": CHECKER_MEMORY_MB << 20,
+            "cpu": int(timeout_s) + 2,
+        }
+        # Not on the command line: /proc/<pid>/cmdline is readable by every process, the
+        # answer's included where it shares the pid namespace (the guard layer).
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(config), encoding="utf-8")
         out_path, err_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        checker = None
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 checker = subprocess.Popen(
-                    [sys.executable, "-I", "-B", "-c", CODEC + CHECKER, json.dumps(config)],
+                    [sys.executable, "-I", "-B", "-c", CODEC + CHECKER, str(config_path)],
                     cwd=tmp,
                     env={**env, "HOME": tmp, "TMPDIR": tmp},
                     stdin=subprocess.DEVNULL,
@@ -203,17 +228,24 @@ def check_answer(
                     pass_fds=(requests_w, replies_r),
                     start_new_session=True,
                 )
+        except BaseException:
+            os.close(requests_r)
+            os.close(replies_w)
+            raise
         finally:
             os.close(requests_w)  # the checker's ends: only the checker holds them now
             os.close(replies_r)
         start = time.monotonic()
-        ran = execute_code(served, timeout_s=timeout_s, pass_fds=(requests_r, replies_w))
-        try:
+        try:  # execute_code closes the answer's ends, whatever happens
+            ran = execute_code(CODEC + serve, timeout_s, pass_fds=(requests_r, replies_w))
             left = timeout_s + CHECKER_GRACE_S - (time.monotonic() - start)
             checker.wait(timeout=max(0.1, left))
         except subprocess.TimeoutExpired:
-            checker.kill()
-            checker.wait()
+            pass
+        finally:
+            if checker.poll() is None:
+                checker.kill()
+                checker.wait()
         passed = checker.returncode == 0 and out_path.read_bytes().endswith(b"passed\n")
         said = err_path.read_text(errors="replace")[-KEEP_OUTPUT_CHARS:]
     if passed:

@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_download(args: argparse.Namespace, folder: Path) -> int:
     dataset = REMOTE_DATASETS[args.dataset]
-    indices = shard_indices(dataset, args.shards)
+    # Every shard already in the folder is checked too (and fetched again when damaged):
+    # pretraining reads them all, whatever SHARDS this run asks for.
+    present = [int(shards.SHARD_PATTERN.match(p.name).group(1)) for p in shards.list_shards(folder)]
+    indices = sorted(set(shard_indices(dataset, args.shards)) | set(present))
     base_url = args.source or dataset.base_url
     with folder_lock(folder):
         downloader = Downloader(

@@ -270,7 +270,8 @@ class Downloader:
             if reason is not None:
                 self.note(f"{job.name} is present but invalid ({reason}); fetching it again")
                 summary.damaged.append(job.key)
-                records.pop(job.path.name, None)
+                # Its record stays until the replacement lands: if the fetch fails, the
+                # damaged file is still known as damaged (never adopted as an old shard).
             todo.append(job)
         if summary.skipped:
             self.note(

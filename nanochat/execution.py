@@ -496,9 +496,9 @@ def _judge(
     report = None
     for line in reversed(lines[2:]):
         if line.strip():
-            try:
+            try:  # the program can write this pipe too: anything may be here
                 report = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
             break
     report = report if isinstance(report, dict) else {}
@@ -519,7 +519,8 @@ def _judge(
     elif cpu_limit:
         error = f"CPU time limit ({cpu_s} s) exceeded"
     elif status.get("type") is not None:
-        error = _one_line(str(status.get("error") or status["type"]))
+        said = status.get("error") or status["type"]
+        error = _one_line(said if isinstance(said, str) else "a malformed report from the runner")
     elif returncode != 0:
         how = f"killed by signal {signum}" if signum else f"exited with code {returncode}"
         error = f"the program stopped before its end ({how})"

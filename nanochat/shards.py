@@ -108,7 +108,9 @@ def verify_shard(path: Path) -> str | None:
                 return "no rows"
             for rg in range(pf.num_row_groups):
                 try:
-                    rows = pf.read_row_group(rg, columns=["text"]).num_rows
+                    table = pf.read_row_group(rg, columns=["text"])
+                    table.validate(full=True)  # offsets and UTF-8, which reading skips
+                    rows = table.num_rows
                 except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ...
                     return f"row group {rg} does not decode ({_describe(exc)})"
                 if rows != pf.metadata.row_group(rg).num_rows:
@@ -211,8 +213,9 @@ def _note_once(key: Path, message: str) -> None:
 def _note_unrecorded(folder: Path) -> None:
     _note_once(
         folder,
-        f"shards in {folder} have no recorded sha256 (fetched by an older nanochat); they are "
-        "checked only as they decode: run `make download` once to record them",
+        f"some shards in {folder} have no recorded sha256 yet (still being downloaded, or "
+        "fetched by an older nanochat): they are checked as they decode, and recorded when "
+        "`make download` completes",
     )
 
 

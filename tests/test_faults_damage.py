@@ -210,6 +210,46 @@ def test_download_rerun_refetches_a_shard_with_flipped_bytes(hub, good, base_dir
     assert "1 shard(s) fetched, 2 skipped, 1 damaged one(s) replaced" in result.stdout
 
 
+def test_a_damaged_shard_whose_refetch_failed_is_never_adopted_as_good(hub, good, base_dir):
+    """The mirror is down when a rerun finds the damage: the shard keeps its record (so it
+    stays known as damaged) instead of being recorded as good by the next rerun."""
+    assert download_from_mirror(hub, good).returncode == 0
+    target = shards.data_dir(base_dir, "climbmix") / shards.shard_name(1)
+    target.write_bytes(good[0])  # wrong content that still decodes: only its record tells
+    hub.files[shards.shard_name(1)] = []  # 404 from now on
+    assert download_from_mirror(hub, good, "--retries", "1").returncode == 1
+    again = download_from_mirror(hub, good, "--retries", "1")
+    assert again.returncode == 1 and "present but invalid" in again.stderr
+    hub.serve(1, good[1])
+    assert download_from_mirror(hub, good).returncode == 0
+    assert target.read_bytes() == good[1]
+
+
+def test_a_shard_with_invalid_utf8_is_refused_like_a_damaged_one(tmp_path):
+    """Decoding alone does not check UTF-8 (reading the texts later does): the check must."""
+    import pyarrow as pa
+
+    path = tmp_path / "bad.parquet"
+    bad = pa.array([b"ok", b"\xff\xfe not utf-8"], type=pa.binary()).cast(pa.string(), safe=False)
+    pq.write_table(pa.table({"text": bad}), path)
+    reason = shards.verify_shard(path)
+    assert reason is not None and "does not decode" in reason and "UTF8" in reason, reason
+
+
+def test_download_checks_every_shard_in_the_folder_not_only_those_asked_for(hub, good, base_dir):
+    """Pretraining reads every shard there; `make download` with a smaller SHARDS repairs
+    a damaged one it did not ask for, instead of reporting all good."""
+    extra = shard_body(base_dir.parent, 2)
+    hub.serve(2, extra)
+    assert download_from_mirror(hub, good, "--shards", "3").returncode == 0
+    target = shards.data_dir(base_dir, "climbmix") / shards.shard_name(2)
+    flip_file(target)
+    result = download_from_mirror(hub, good)  # --shards 2: shards 0, 1 and validation
+    assert result.returncode == 0, result.stderr
+    assert "shard_00002.parquet is present but invalid" in result.stderr
+    assert target.read_bytes() == extra
+
+
 def test_loader_on_a_flipped_shard_stops_with_one_line(hub, good, base_dir):
     from nanochat.dataloader import PackedLoader
 

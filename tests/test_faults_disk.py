@@ -5,6 +5,7 @@ are swept at the next start. The disk is a real tmpfs of a few MiB, mounted per 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -42,14 +43,23 @@ def small_disk(tmp_path):
 
 
 def fill(disk: Path, leave: int) -> Path:
-    """Take all but ``leave`` bytes of the disk's free space with one file."""
+    """Take all but ``leave`` bytes of the disk's free space with one file (a process writing
+    there meanwhile shrinks what is left: the filler takes what it can)."""
     filler = disk / "filler"
     filler.unlink(missing_ok=True)
-    take = shutil.disk_usage(disk).free - leave
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        if take > 0:
-            os.posix_fallocate(fd, 0, take)
+        size = 0
+        for _ in range(20):
+            take = shutil.disk_usage(disk).free - leave
+            if take <= 0:
+                break
+            try:
+                os.posix_fallocate(fd, size, take)
+                size += take
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
     finally:
         os.close(fd)
     return filler

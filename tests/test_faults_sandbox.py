@@ -580,3 +580,84 @@ def test_an_unprivileged_caller(name, tmp_path, listener):
     unexpected = {p for p, escaped in escapes.items() if escaped and p not in admitted(layer)}
     assert not unexpected, f"escaped the unprivileged {name} layer: {sorted(unexpected)}"
     assert not escapes["posix_fork"]  # RLIMIT_NPROC holds for any uid but root
+
+
+# --- found by a red team of the checker ---------------------------------------------------
+
+READ_THE_TESTS = """
+import os
+for pid in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read()
+    except OSError:
+        continue
+    if b"def check(candidate)" in line:  # the problem's tests
+        print("FOUND THE TESTS", pid)
+"""
+
+
+def test_the_tests_are_not_on_the_checkers_command_line(layer, add_problem):
+    """/proc/<pid>/cmdline is readable by anyone: an answer sharing the pid namespace (the
+    guard) read the tests there and passed 152 of 164 HumanEval problems without solving."""
+    from nanochat.answer_check import check_answer
+
+    answer = READ_THE_TESTS + "def add(a, b):\n    return a + b\n"
+    result = check_answer(answer, "add", add_problem["prompt"], add_problem["test"])
+    assert result.success, result.error
+    assert "FOUND THE TESTS" not in result.stdout
+
+
+def test_a_crafted_report_fails_the_answer_without_crashing_the_eval(layer, add_problem):
+    crash = (
+        "import os, sys\nos.write(sys.modules['__main__'].PROOF_FD, "
+        "b'\\n' + b'[' * 200000 + b'\\n')\nos._exit(0)\n"
+    )
+    completion = f"```python\n{WRONG_ADD}{crash}```"
+    assert not HumanEval().evaluate(add_problem, completion)  # no RecursionError raised
+
+
+@pytest.mark.parametrize(
+    "answer, test",
+    [
+        # a test that calls the function by its name, not as candidate (HumanEval/33)
+        ("def f(x):\n    return x + 1\n", "def check(candidate):\n    assert f(1) == 2\n"),
+        # subclasses of the built-in containers arrive as their base
+        (
+            "import collections\ndef f(x):\n    return collections.Counter(x)\n",
+            "def check(candidate):\n    assert candidate('aab') == {'a': 2, 'b': 1}\n",
+        ),
+        (
+            "import collections\nP = collections.namedtuple('P', 'x y')\n"
+            "def f(x):\n    return P(x, x)\n",
+            "def check(candidate):\n    assert candidate(3) == (3, 3)\n",
+        ),
+        # the answer's own helpers may carry any name
+        (
+            "def _nc_decode(s):\n    return s.swapcase()\ndef f(s):\n    return _nc_decode(s)\n",
+            "def check(candidate):\n    assert candidate('aB') == 'Ab'\n",
+        ),
+    ],
+)
+def test_right_answers_the_checker_used_to_fail(layer, answer, test):
+    from nanochat.answer_check import check_answer
+
+    result = check_answer(answer, "f", "def f(x):\n    pass\n", test)
+    assert result.success, result.error
+
+
+def test_stopiteration_from_the_answer_cannot_end_the_tests_loops(layer):
+    from nanochat.answer_check import check_answer
+
+    test = "def check(candidate):\n    assert all(map(candidate, [2, 4]))\n"
+    result = check_answer("def f(x):\n    raise StopIteration\n", "f", "", test)
+    assert not result.success
+
+
+def test_no_checker_or_descriptor_is_left_when_the_sandbox_refuses(layer):
+    from nanochat.answer_check import check_answer
+
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError):
+        check_answer("def f(x):\n    return x\n", "f", "", "def check(c):\n    pass\n", 0)
+    assert set(os.listdir("/proc/self/fd")) == before
