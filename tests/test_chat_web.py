@@ -174,6 +174,12 @@ def servers(tmp_path_factory):
         "keyed": Server(base, "--source", "base", "--tag", "d2",
                         env={"NANOCHAT_API_KEY": API_KEY}, name="keyed"),
     }  # fmt: skip
+    yield from serving(started)
+
+
+def serving(started: dict[str, Server]):
+    """Wait for every server of ``started`` to answer, hand them over, stop them all after:
+    the body of a module's ``servers`` fixture (``server`` and ``client`` build on it)."""
     try:
         for server in started.values():
             server.wait_ready()

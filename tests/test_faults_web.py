@@ -21,14 +21,15 @@ import pytest
 from test_chat_web import (
     EXPECTED,
     EXPECTED_TOKENS,
+    JSON,
     REPLY_TEXT,
     USER,
     Server,
     build_chat_checkpoint,
+    serving,
 )
 
 MODEL_ID = "nanochat-base-d2"
-JSON = {"Content-Type": "application/json"}
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -45,13 +46,7 @@ def servers(tmp_path_factory):
         "open": Server(base, *model, "--allowed-hosts", "*", name="faults-open"),
         "named": Server(base, *model, "--allowed-hosts", "chat.example", name="named"),
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    yield from serving(started)
 
 
 @pytest.fixture(scope="module")
