@@ -49,6 +49,7 @@ spec_flag = $(word 2,$(subst =, ,$(1)))
 spec_kind = $(word 3,$(subst =, ,$(1)))
 KNOB_VARS := $(foreach spec,$(KNOB_SPECS),$(call spec_var,$(spec)))
 unexport $(KNOB_VARS) REMOTE_PATH DEST
+# The words of backends/knobs.py (SWITCH_ON/SWITCH_OFF), in the cases make cannot fold.
 SWITCH_ON := 1 true yes on True Yes On TRUE YES ON
 SWITCH_OFF := 0 false no off False No Off FALSE NO OFF
 given = $(and $(filter command line environment override,$(origin $(1))),$(call knob,$(1)))

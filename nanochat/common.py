@@ -271,20 +271,20 @@ def check_free_space(path: Path | str, needed: int) -> None:
 TEMP_SUFFIX = ".tmp"  # atomic_path's temp files: .<final name>.<random>.tmp beside the final
 
 
-def sweep_temp_files(folder: Path | str, older_than_s: float = 0.0) -> list[Path]:
+def sweep_temp_files(folder: Path | str, of: str = "") -> list[Path]:
     """Remove the temp files ``atomic_path`` left in ``folder`` when a writer was killed
-    (SIGKILL, power loss): they are never a complete artifact. Call it only where no other
-    process may be writing (e.g. under the run lock). The removed paths are returned."""
+    (SIGKILL, power loss): they are never a complete artifact. ``of``: only those of this
+    final name. Call it only where no other process may be writing that (e.g. under the run
+    lock). The removed paths are returned."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    now, removed = time.time(), []
-    for p in folder.iterdir():
-        if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file():
+    removed = []
+    for p in folder.glob(f".{of}*{TEMP_SUFFIX}" if of else f".*{TEMP_SUFFIX}"):
+        if p.is_file():
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime >= older_than_s:
-                    p.unlink()
-                    removed.append(p)
+                p.unlink()
+                removed.append(p)
     return removed
 
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanochat.common import ArtifactError, UsageError, one_line
+from nanochat.common import UsageError, one_line
 
 if TYPE_CHECKING:
     from nanochat.gpt import GPT
@@ -140,8 +140,6 @@ def load_chat_model(
     where = f"{found.directory} step {found.step}"
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
-    except ArtifactError:
-        raise  # damaged, not mistyped: one line and exit 1 (run_main)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(one_line(exc)) from None
     model_config = found.meta.get("model_config")

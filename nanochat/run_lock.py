@@ -15,7 +15,9 @@ and taken over with a note, when
   gone, or
 - its holder ran elsewhere (another container or node: its pid means nothing here) and the
   heartbeat stopped more than ``STALE_S`` ago, or
-- it carries our own run id: the same Modal function call, retried after a preemption.
+- it carries our own run id: the same Modal function call, retried after a preemption, or
+- it is empty or torn and older than ``UNREADABLE_STALE_S`` (a start killed between creating
+  the file and writing its record; a full disk there removes the file instead).
 
 Otherwise the run stops before any work with one line naming the holder and what to do.
 
@@ -38,10 +40,11 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat.common import UsageError, log
+from nanochat.common import UsageError, disk_full, log
 
 HEARTBEAT_S = 30.0  # how often a holder touches its lock
 STALE_S = 300.0  # a lock from another machine whose heartbeat stopped this long ago is stale
+UNREADABLE_STALE_S = 10.0  # an empty or torn lock file this old was left by a killed start
 RUN_ID_ENV = "NANOCHAT_RUN_ID"  # set by a backend that retries a run (Modal: the call id)
 
 
@@ -101,8 +104,10 @@ def _me() -> dict:
 def _why_stale(holder: dict | None, age_s: float, me: dict) -> str | None:
     """Why the lock with record ``holder`` (None: unreadable) and heartbeat ``age_s``
     seconds old may be taken over, or None when its holder may still be running."""
-    if holder is None:
-        return f"an unreadable lock file, untouched for {age_s:.0f} s" if age_s > STALE_S else None
+    if holder is None:  # a holder writes its record at once: this one was cut short
+        if age_s > UNREADABLE_STALE_S:
+            return f"an unreadable lock file, untouched for {age_s:.0f} s"
+        return None
     if me["run_id"] and holder.get("run_id") == me["run_id"]:
         return f"an earlier attempt of this same run ({me['run_id']})"
     here = all(holder.get(k) == me[k] for k in ("host", "boot_id", "pid_ns"))
@@ -149,13 +154,6 @@ class RunLock:
             holder, age_s = self._read()
             if holder is GONE:
                 continue  # released between our try and our look: try again
-            if (
-                holder is not None
-                and holder.get("pid") == me["pid"]
-                and holder.get("host") == me["host"]
-            ):
-                self.record = holder  # this process holds it already (a second start_point)
-                return
             reason = _why_stale(holder, age_s, me)
             if reason is None:
                 raise UsageError(self._busy_message(holder, age_s))
@@ -181,10 +179,14 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(me) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk: no empty lock left to block the rerun
+            self.path.unlink(missing_ok=True)
+            raise (disk_full(exc, self.path, writing=True) or exc) from None
         return True
 
     def _read(self) -> tuple[dict | None, float]:
@@ -245,19 +247,13 @@ _held: dict[Path, RunLock] = {}
 
 def hold(directory: Path) -> RunLock:
     """Take the lock on ``directory``'s tag for the rest of this process (released at exit,
-    or by ``release``); a second call for the same tag is a no-op."""
+    or by ``release_all``); a second call for the same tag is a no-op."""
     key = lock_path(directory).resolve()
     if key not in _held:
         lock = RunLock(directory)
         lock.acquire()
         _held[key] = lock
     return _held[key]
-
-
-def release(directory: Path) -> None:
-    lock = _held.pop(lock_path(directory).resolve(), None)
-    if lock is not None:
-        lock.release()
 
 
 def release_all() -> None:

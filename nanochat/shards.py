@@ -34,6 +34,7 @@ from nanochat.common import (
     file_sha256,
     log,
     one_line,
+    sweep_temp_files,
 )
 
 ROW_GROUP_SIZE = 1024
@@ -320,12 +321,6 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def sweep_temp_files(folder: Path) -> None:
-    """Temp files of shards and of the record file (every ``.*.tmp`` here is ours)."""
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def clear_shards(folder: Path) -> None:

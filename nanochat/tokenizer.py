@@ -72,7 +72,7 @@ FORMAT_VERSION = 1  # the hashes are optional keys: older code still reads newer
 FIX = "run `make tokenizer` to train it again, or restore the tokenizer folder from a copy"
 
 
-class TokenizerError(ArtifactError, ValueError):
+class TokenizerError(ArtifactError):
     """A damaged or malformed tokenizer file; the message names it and the fix, in one line.
     (A ValueError, so every stage that reports a bad tokenizer in one line already does.)"""
 
@@ -238,7 +238,7 @@ class Tokenizer:
         """Read a tokenizer written by ``save``.
 
         Raises FileNotFoundError (with the fix) when the folder is missing or incomplete,
-        TokenizerError (a ValueError; one line naming the file and the fix) when a file is
+        TokenizerError (an ArtifactError: one line naming the file and the fix) when a file is
         damaged, malformed, or the files disagree with each other.
         """
         directory = Path(directory)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanochat import optim, runtime
-from nanochat.common import TEMP_SUFFIX, atomic_write_text, log
+from nanochat.common import atomic_write_text, log, sweep_temp_files
 
 
 def set_schedule(optimizer, step: int, lr_multiplier: float) -> None:
@@ -59,8 +59,7 @@ def keep_log_until(path: Path, step: int) -> None:
     records are dropped with a note, never a reason to refuse the resume. Temp files of a
     rewrite that was killed are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for tmp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
+    sweep_temp_files(path.parent, of=path.name + ".")
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     kept, torn = [], 0
     for line in lines:

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 from nanochat.common import (
-    ArtifactError,
     CliParser,
     UsageError,
     atomic_write_text,
@@ -273,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             tokenizer = Tokenizer.load(tokenizer_dir(base))
-        except ArtifactError:
-            raise  # damaged, not mistyped: one line and exit 1 (run_main)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(one_line(exc)) from None
     except UsageError as exc:

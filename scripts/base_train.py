@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path
 
 from nanochat.common import (
-    ArtifactError,
     CliParser,
     UsageError,
     add_resume_argument,
@@ -86,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
         train_paths, val_path = split_shards(data_dir(base, args.dataset))
-    except ArtifactError:
-        raise  # damaged, not mistyped: one line and exit 1 (run_main)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (run `make download` and `make tokenizer` first)") from None
     rt = runtime.start()

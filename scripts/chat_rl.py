@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 from nanochat.common import (
-    ArtifactError,
     CliParser,
     UsageError,
     add_resume_argument,
@@ -166,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_task = GSM8K(source=args.tasks, split="train")
         test_task = GSM8K(source=args.tasks, split="test")
-    except ArtifactError:
-        raise  # damaged, not mistyped: one line and exit 1 (run_main)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (or use --tasks=embedded)") from None
     model, tokenizer, meta = load_chat_model(base, args.source, "cpu", args.source_tag)

@@ -23,7 +23,6 @@ sft_checkpoints/<tag>/ and report/sft.md.
 from __future__ import annotations
 
 from nanochat.common import (
-    ArtifactError,
     CliParser,
     UsageError,
     base_dir,
@@ -123,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"{exc}{hint}") from None
     try:
         train_task, val_task = split_val(sft_mixture(args.tasks))
-    except ArtifactError:
-        raise  # damaged, not mistyped: one line and exit 1 (run_main)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (or use --tasks=embedded)") from None
     extra = None

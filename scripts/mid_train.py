@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 from nanochat.common import (
-    ArtifactError,
     CliParser,
     UsageError,
     add_resume_argument,
@@ -113,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, meta = load_chat_model(base, "base", "cpu", args.base_tag)
     try:
         train_task, val_task = split_val(mid_mixture(args.tasks))
-    except ArtifactError:
-        raise  # damaged, not mistyped: one line and exit 1 (run_main)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (or use --tasks=embedded)") from None
     stage = Stage(

@@ -194,3 +194,31 @@ def test_files_of_a_save_killed_before_its_meta_are_pruned_with_the_old_ones(toy
     assert not any(p.exists() for p in leftovers)
     assert sorted(p.name for p in folder.glob("*.pt")) == [
         "model_000004.pt", "model_000006.pt", "rank_000004_r0.pt", "rank_000006_r0.pt"]  # fmt: skip
+
+
+def test_a_run_lock_that_cannot_be_written_leaves_no_empty_lock_behind(small_disk):
+    from nanochat import run_lock
+
+    folder = small_disk / "base" / "base_checkpoints" / "d2"
+    folder.parent.mkdir(parents=True)
+    fill(small_disk, leave=0)
+    lock = run_lock.RunLock(folder)
+    with pytest.raises(common.DiskFullError, match=r"\.d2\.lock"):
+        lock.acquire()
+    assert not lock.path.exists()  # an empty one would refuse the rerun
+
+
+def test_an_empty_lock_left_by_a_killed_start_is_taken_over(toy):
+    lock = run_lock_path(toy)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")  # killed between creating the file and writing its record
+    os.utime(lock, (0, 0))
+    result = train([*RUN, "--stop-at=1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "took over the lock on d2 held by an unreadable lock file" in result.stderr
+
+
+def run_lock_path(base: Path) -> Path:
+    from nanochat import run_lock
+
+    return run_lock.lock_path(checkpoint.checkpoint_dir(base, "base", "d2"))

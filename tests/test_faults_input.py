@@ -111,7 +111,23 @@ def test_make_exits_143_when_the_stage_is_killed_by_sigterm(toy):
     assert out.strip().splitlines()[-1] == "exit 143", err[-2000:]
 
 
-@pytest.mark.parametrize("port", ["99999", "0", "http"])
-def test_a_port_that_cannot_exist_is_one_line(base_dir, port):
-    result = run_cli([sys.executable, "-m", "scripts.chat_web", f"--port={port}"])
-    refused(result, "--port")
+@pytest.mark.parametrize(
+    "flag", ["--port=99999", "--port=0", "--port=http", "--allowed-hosts=", "--allowed-hosts= ,"]
+)
+def test_a_server_flag_that_cannot_hold_is_one_line(base_dir, flag):
+    result = run_cli([sys.executable, "-m", "scripts.chat_web", flag])
+    refused(result, flag.partition("=")[0])
+    assert not base_dir.exists()
+
+
+def test_make_and_invoke_take_the_same_switch_words():
+    """The Makefile checks switches itself (it turns them into bare flags): its words are
+    those of backends/knobs.py, in every case make cannot fold."""
+    from backends import knobs
+
+    text = (REPO / "Makefile").read_text()
+    for name, words in (("SWITCH_ON", knobs.SWITCH_ON), ("SWITCH_OFF", knobs.SWITCH_OFF)):
+        line = next(x for x in text.splitlines() if x.startswith(f"{name} :="))
+        in_make = set(line.partition(":=")[2].split())
+        expected = {v for w in words if w for v in (w, w.capitalize(), w.upper())}
+        assert in_make == expected, name

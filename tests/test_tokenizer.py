@@ -22,6 +22,7 @@ from nanochat.tokenizer import (
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
     Tokenizer,
+    TokenizerError,
     tokenizer_dir,
     train_tokenizer,
 )
@@ -225,13 +226,13 @@ def test_load_rejects_files_that_disagree(tok, tmp_path):
     lengths = tok.token_byte_lengths()
     lengths[300] += 1
     (folder / "token_bytes.json").write_text(json.dumps(lengths))
-    with pytest.raises(ValueError, match="token_bytes.json does not match the size and sha256"):
+    with pytest.raises(TokenizerError, match="token_bytes.json does not match the size and sha256"):
         Tokenizer.load(folder)
     # A tokenizer saved before the hashes existed is still cross-checked file against file.
     meta = json.loads((folder / "tokenizer.json").read_text())
     del meta["files"], meta["sha256"]
     (folder / "tokenizer.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(TokenizerError, match="disagree"):
         Tokenizer.load(folder)
 
 
