@@ -150,7 +150,7 @@ docker-engine:
 	  || { $(call apt_install,docker,docker.io debootstrap); }
 
 # Model-written code (HumanEval) runs in a bubblewrap sandbox where the machine has one
-# (nanochat/sandbox.py); the tests run it under both layers.
+# (nanochat/inference/sandbox.py); the tests run it under both layers.
 sandbox:
 	$(EXEC)@command -v bwrap >/dev/null 2>&1 || { $(call apt_install,sandbox,bubblewrap); }
 

@@ -47,8 +47,8 @@ from backends.stages import (
     remote_resources,
     remote_threads,
 )
-from nanochat import run_lock
 from nanochat.common import BASE_DIR_ENV, RESUME_ENV
+from nanochat.training import run_lock
 
 APP_NAME = "nanochat"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def run_stage(stage_name: str, knobs: dict) -> dict:
     link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
     cmd = remote_command(stage, knobs, base)
     # A retry after a preemption is the same function call in a new container: the run
-    # lock of the tag (nanochat.run_lock) knows it by this id and lets it take over.
+    # lock of the tag (nanochat.training.run_lock) knows it by this id and lets it take over.
     call_id = modal.current_function_call_id()
     if call_id:
         cmd.env.setdefault(run_lock.RUN_ID_ENV, call_id)

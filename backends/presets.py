@@ -54,7 +54,7 @@ PRESETS: dict[str, Preset] = {
             extends="tiny",
         ),
         Preset(
-            # d12 at ratio 12 trains ~1.3B tokens: 29 shards of ~46M (nanochat.dataset);
+            # d12 at ratio 12 trains ~1.3B tokens: 29 shards of ~46M (nanochat.data.dataset);
             # 32 leaves a margin (tests/test_presets.py checks every preset's shards).
             "quick",
             "d12 on 32 ClimbMix shards: the seed's quick test (~1 h on 4 GPUs)",

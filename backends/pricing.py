@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backends.stages import Stage, gpu_count, remote_resources
-from nanochat import dial
 from nanochat.common import UsageError
+from nanochat.model import dial
 
 # USD per GPU-hour, and bf16 training speed relative to one H100 (rough, for estimates only).
 GPU_PRICE = {

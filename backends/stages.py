@@ -90,7 +90,7 @@ SMOKE_CHAT_TRAINING = ("--num-steps=4", "--eval-every=2", "--eval-batches=1", "-
 STAGES: tuple[Stage, ...] = (
     Stage(
         "download",
-        "nanochat.dataset",
+        "nanochat.data.dataset",
         "fetch pretraining shards in parallel (or build the embedded corpus)",
         "cpu",
         knobs=("dataset", "shards", "source"),

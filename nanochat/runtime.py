@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat import gpus, lifeline, run_lock
+from nanochat import gpus, lifeline
+from nanochat.training import run_lock
 
 DTYPE_ENV = "NANOCHAT_DTYPE"
 # Dense bf16 peak FLOP/s per GPU, for MFU (DESIGN B.3); None where unknown (CPU).

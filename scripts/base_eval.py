@@ -10,8 +10,8 @@ Loads the latest complete checkpoint of ``BASE_DIR/base_checkpoints/<tag>/`` (de
 whose newest checkpoint is the most recent) and rebuilds the model from its meta. Then:
 
 - bits per byte on ``--bpb-steps`` packed batches of the training shards and of the
-  validation shard (nanochat/loss_eval.py);
-- CORE (nanochat/core_eval.py) on the DCLM bundle, downloaded on first use into
+  validation shard (nanochat/evaluation/loss_eval.py);
+- CORE (nanochat/evaluation/core_eval.py) on the DCLM bundle, downloaded on first use into
   ``BASE_DIR/eval_bundle/`` (``--source`` names a mirror URL or a local zip), or on the
   embedded miniature bundle built from the stdlib corpus (``--bundle=embedded``);
 - greedy completions of a few fixed prompts (rank 0).
@@ -42,7 +42,7 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
-from nanochat.eval_bundle import BUNDLES
+from nanochat.evaluation.eval_bundle import BUNDLES
 
 DEFAULT_DATASET = "climbmix"  # when neither --dataset nor the checkpoint names one
 DEFAULT_DEVICE_BATCH = 32
@@ -121,7 +121,7 @@ def build_parser() -> CliParser:
 
 def find_checkpoint(base: Path, tag: str | None, step: int | None):
     """The checkpoint to evaluate (checkpoint.Found); UsageError with the fix otherwise."""
-    from nanochat import checkpoint
+    from nanochat.training import checkpoint
 
     root = base / "base_checkpoints"
     if tag is None:
@@ -170,8 +170,8 @@ def inherited(name: str, given, saved: dict, default, say: bool):
 
 def load_model(found, device):
     """The GPT of a checkpoint, rebuilt from its meta, in eval mode."""
-    from nanochat import checkpoint
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.model.gpt import GPTConfig, build_model
+    from nanochat.training import checkpoint
 
     config = GPTConfig(**found.meta["model_config"])
     model = build_model(config, device)
@@ -201,8 +201,8 @@ def greedy_completion(model, tokenizer, prompt: str, max_tokens: int, context: i
 
 
 def bits_per_byte(model, tokenizer, paths, batch: int, seq_len: int, steps: int, rt) -> float:
-    from nanochat.dataloader import PackedLoader, row_groups
-    from nanochat.loss_eval import evaluate_bpb, token_bytes
+    from nanochat.data.dataloader import PackedLoader, row_groups
+    from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
 
     rank, world = rt.rank, rt.world_size
     if len(row_groups(paths)) < world:
@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args, base: Path, found, tokenizer, rt) -> int:
     import torch
 
-    from nanochat import core_eval, eval_bundle, runtime
+    from nanochat import runtime
+    from nanochat.data.shards import data_dir, split_shards
+    from nanochat.evaluation import core_eval, eval_bundle
     from nanochat.report import write_section
-    from nanochat.shards import data_dir, split_shards
 
     start = time.monotonic()
     say = rt.master

@@ -4,11 +4,11 @@ The depth dial sets everything else (DESIGN B.3/B.4): width, heads, the horizon 
 ratio x scaling parameters), the total batch (2^19 tokens at d12, growing as D^0.383 with
 the data, a power of two), the learning rates (scaled with width and batch) and gradient
 accumulation (total batch / (device batch x sequence x processes), which must divide);
-the arithmetic lives in nanochat/dial.py, so a dry run shows it without torch.
+the arithmetic lives in nanochat/model/dial.py, so a dry run shows it without torch.
 
 Each step logs step/total, loss, LR multiplier, ms/step, tokens/s, MFU and ETA (a progress
 bar too at a terminal); val bits-per-byte every --eval-every steps; checkpoints every
---save-every steps and at the end (nanochat/checkpoint.py). A run resumes from its latest
+--save-every steps and at the end (nanochat/training/checkpoint.py). A run resumes from its latest
 complete checkpoint (--resume=auto, the default; NANOCHAT_RESUME sets the default), and
 SIGTERM (preemption) saves a checkpoint and exits with 143 so a retry resumes.
 Writes base_checkpoints/<tag>/ and report/pretrain.md (the stage's completion marker).
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from nanochat import runtime
-    from nanochat.shards import data_dir, split_shards
+    from nanochat.data.shards import data_dir, split_shards
     from nanochat.tokenizer import Tokenizer, tokenizer_dir
 
     base = base_dir()
@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
     import torch
 
-    from nanochat import checkpoint, dial, gpt, optim, train_loop
-    from nanochat.dataloader import PackedLoader
-    from nanochat.loss_eval import evaluate_bpb, token_bytes
+    from nanochat.data.dataloader import PackedLoader
+    from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
+    from nanochat.model import dial, gpt
     from nanochat.report import write_section
+    from nanochat.training import checkpoint, optim, train_loop
 
     wandb_run = start_wandb(args, rt)  # checked before any work: a missing wandb is bad input
     if args.fp8 and rt.device.type != "cuda":
@@ -342,7 +343,8 @@ def use_fp8(model) -> None:
 
 def core_bundle(args, base: Path, rt):
     """The CORE bundle, ready before training starts (a missing one is bad input)."""
-    from nanochat import eval_bundle, runtime
+    from nanochat import runtime
+    from nanochat.evaluation import eval_bundle
 
     error = None
     if rt.master:
@@ -359,7 +361,7 @@ def core_bundle(args, base: Path, rt):
 
 
 def run_core(model, tokenizer, bundle, args, rt) -> float:
-    from nanochat import core_eval
+    from nanochat.evaluation import core_eval
 
     model.eval()
     with rt.autocast():
@@ -382,9 +384,9 @@ def print_samples(model, tokenizer, context: int, rt) -> None:
 
 
 def planned(argv: list[str], processes: int, vocab: int):
-    """The dial these flags give (``nanochat.dial.Dial``): what a run of this command trains.
+    """The dial these flags give (``nanochat.model.dial.Dial``): what a run of this command trains.
     The launcher sizes downloads and prices runs with it (no torch)."""
-    from nanochat import dial
+    from nanochat.model import dial
 
     args = build_parser().parse_args(argv)
     return dial.plan(
@@ -395,7 +397,7 @@ def planned(argv: list[str], processes: int, vocab: int):
 
 def explain(argv: list[str], processes: int, base: Path) -> list[str]:
     """What the dial derives for these flags (the launcher's dry run prints it; no torch)."""
-    from nanochat import dial
+    from nanochat.model import dial
 
     meta = base / "tokenizer" / "tokenizer.json"
     vocab, source = dial.DEFAULT_VOCAB, "assumed: no tokenizer yet"
@@ -412,8 +414,8 @@ def check_memory(args, vocab_size: int, rt) -> None:
     """Refuse, before allocating anything, a model that cannot train in this machine's
     memory even without activations (DEPTH=99999 would otherwise try to allocate ~100 GB
     and die in a traceback)."""
-    from nanochat import dial
     from nanochat.common import human_bytes
+    from nanochat.model import dial
 
     have = rt.memory_bytes()
     need = dial.least_training_bytes(args.depth, vocab_size, args.device_batch, args.seq_len)
@@ -434,7 +436,7 @@ def save(ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb) 
     import torch
     import torch.distributed as dist
 
-    from nanochat import checkpoint
+    from nanochat.training import checkpoint
 
     rank_state = {
         "optimizer": optimizer.state_dict(),
@@ -468,7 +470,7 @@ def save(ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb) 
 def resume(found, run_config, model, optimizer, loader, rt) -> int:
     import torch
 
-    from nanochat import checkpoint
+    from nanochat.training import checkpoint
 
     saved = found.meta.get("run_config", {})
     differs = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}

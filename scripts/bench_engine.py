@@ -4,7 +4,7 @@
     python -m scripts.bench_engine --source base --record
     make bench-engine ARGS='--record'
 
-It loads a checkpoint through the engine (nanochat/engine.py: KV cache, one prefill shared
+It loads a checkpoint through the engine (nanochat/inference/engine.py: KV cache, one prefill shared
 by the sample rows), generates from a fixed prompt with sampling at temperature 1 and no
 stop token honoured by the timing (rows that finish early count the tokens they made), and
 with --record appends a row to docs/benchmarks.md naming the machine.
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nanochat import runtime
-    from nanochat.engine import Engine, load_chat_model
+    from nanochat.inference.engine import Engine, load_chat_model
     from scripts.bench_train import machine, record
 
     rt = runtime.start()

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from nanochat import gpt, optim, runtime
+    from nanochat import runtime
+    from nanochat.model import gpt
+    from nanochat.training import optim
 
     rt = runtime.start()
     config = gpt.config_for_depth(args.depth, args.vocab_size, sequence_len=args.seq_len)

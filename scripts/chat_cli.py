@@ -6,7 +6,7 @@
     make chat-cli SOURCE=sft
 
 Loads the newest checkpoint of ``BASE_DIR/<source>_checkpoints/`` (source base | mid | sft |
-rl, or auto: the first of rl, sft, mid, base that exists) through ``nanochat.engine`` and
+rl, or auto: the first of rl, sft, mid, base that exists) through ``nanochat.inference.engine`` and
 streams each reply as it is generated, UTF-8 safe, control characters shown escaped.
 Calculator calls are shown apart from the text, dimmed at a terminal (unless NO_COLOR is set):
 ``[python: 1+2][= 3]``. On CUDA the engine runs under bf16 autocast (``nanochat.runtime``);
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     base = base_dir()
 
     from nanochat import runtime
-    from nanochat.engine import Engine, load_chat_model
+    from nanochat.inference.engine import Engine, load_chat_model
 
     rt = runtime.start()
     try:

@@ -222,7 +222,7 @@ def score_tasks(
     ``rank::world`` and the counts are summed over ranks, so every rank must call this.
     ``model`` is the plain (uncompiled) GPT, in eval mode; ``on_score(score)`` runs after each
     task. Used by this stage and by SFT's ChatCORE subset (scripts.chat_sft)."""
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
 
     engine = Engine(model, tokenizer)
     max_len = model.config.sequence_len
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         names = parse_task_names(args.task_names)
         loaded = load_tasks(names, args.tasks, args.max_problems)
         if "HumanEval" in loaded:  # say which sandbox runs the model's code, before any work
-            from nanochat.execution import sandbox_description
+            from nanochat.inference.execution import sandbox_description
 
             line = sandbox_description()  # a layer asked for and not available: UsageError
             rank = os.environ.get("RANK", "0")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args, base: Path, loaded: dict, rt) -> int:
-    from nanochat.engine import load_chat_model
+    from nanochat.inference.engine import load_chat_model
     from nanochat.report import write_section
 
     start = time.monotonic()

@@ -153,7 +153,7 @@ def pad_rows(rows, pad: int, device):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nanochat.engine import load_chat_model
+    from nanochat.inference.engine import load_chat_model
     from nanochat.tasks import GSM8K
 
     base = base_dir()
@@ -190,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -> int:
     import torch
 
-    from nanochat import checkpoint, gpt, optim, train_loop
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
+    from nanochat.model import gpt
     from nanochat.report import write_section
+    from nanochat.training import checkpoint, optim, train_loop
     from scripts.base_train import resume, save, start_wandb
 
     wandb_run = start_wandb(args, rt)  # a missing wandb is bad input: before any work

@@ -110,7 +110,7 @@ def sft_mixture(source: str, seed: int = 0):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nanochat.engine import load_chat_model
+    from nanochat.inference.engine import load_chat_model
 
     base = base_dir()
     if args.source == "mid" and not (base / "mid_checkpoints").is_dir():

@@ -8,7 +8,7 @@
 
 Endpoints (127.0.0.1 only unless ``--host`` says otherwise):
 
-- ``GET /``: the chat page (``nanochat/web/index.html``, one self-contained file). With an API
+- ``GET /``: the chat page (``nanochat/serve/index.html``, one self-contained file). With an API
   key, open ``http://HOST:PORT/?key=KEY``: the page keeps the key for the tab and sends it.
 - ``POST /v1/chat/completions``: OpenAI Chat Completions, plain JSON or streamed as
   server-sent events (``stream: true``; ``stream_options.include_usage`` adds a usage chunk).
@@ -34,7 +34,7 @@ room for the reply (``max_tokens``, at most half the context); when even that do
 request is refused with 400. Errors are OpenAI-shaped JSON, whatever refuses the request:
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Guards (``nanochat/http_guard.py``), so that neither a web page nor a slow client can misuse
+Guards (``nanochat/serve/http_guard.py``), so that neither a web page nor a slow client can misuse
 the server:
 
 - Bodies: at most 1 MiB, read piece by piece (413 as soon as the limit is passed, chunked or
@@ -108,8 +108,8 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
-from nanochat.engine import Engine, load_chat_model
-from nanochat.http_guard import (
+from nanochat.inference.engine import Engine, load_chat_model
+from nanochat.serve.http_guard import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     TIMED_OUT,
@@ -124,7 +124,7 @@ from nanochat.http_guard import (
 
 SOURCES = ("auto", "base", "mid", "sft", "rl")
 API_KEY_ENV = "NANOCHAT_API_KEY"
-PAGE = Path(nanochat.__file__).parent / "web" / "index.html"  # shipped inside the package
+PAGE = Path(nanochat.__file__).parent / "serve" / "index.html"  # shipped inside the package
 
 # Request limits: upstream's server used these numbers (DESIGN B.8).
 MAX_MESSAGES = 500

@@ -106,7 +106,7 @@ def split_val(mixture):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nanochat.engine import load_chat_model
+    from nanochat.inference.engine import load_chat_model
 
     base = base_dir()
     model, tokenizer, meta = load_chat_model(base, "base", "cpu", args.base_tag)
@@ -181,7 +181,8 @@ def warm_start(optimizer, source_meta: dict, rt) -> str | None:
     LRs, momentum, weight decay): None when it did, else why not (nothing is changed then).
     Every rank loads its own shard, so the source must have been written by as many processes
     as this run has; the ranks agree before any of them loads."""
-    from nanochat import checkpoint, runtime
+    from nanochat import runtime
+    from nanochat.training import checkpoint
 
     why = saved = None
     world = source_meta.get("world_size")
@@ -216,7 +217,7 @@ def run_stage(args, stage: Stage, model, tokenizer, meta, train_task, val_task, 
 
 
 def _loader(stage: Stage, task, tokenizer, args, rt):
-    from nanochat.chat_data import PackedConversations, PaddedConversations
+    from nanochat.data.chat_data import PackedConversations, PaddedConversations
 
     cls = PackedConversations if stage.packed else PaddedConversations
     return cls(task, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size, rt.device)
@@ -225,9 +226,10 @@ def _loader(stage: Stage, task, tokenizer, args, rt):
 def _train(args, stage, rt, model, tokenizer, meta, train_task, val_task, base: Path) -> int:
     import torch
 
-    from nanochat import checkpoint, gpt, optim, train_loop
-    from nanochat.loss_eval import token_bytes
+    from nanochat.evaluation.loss_eval import token_bytes
+    from nanochat.model import gpt
     from nanochat.report import write_section
+    from nanochat.training import checkpoint, optim, train_loop
     from scripts.base_train import resume, save, start_wandb
 
     wandb_run = start_wandb(args, rt)  # a missing wandb is bad input: before any work

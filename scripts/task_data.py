@@ -11,7 +11,7 @@ SmolTalk (``--tasks=hub``) from ``BASE_DIR/task_data/<name>/<split>/*.parquet``
 task reads). For each split this stage asks the hub's parquet API
 (``<endpoint>/api/datasets/<repo>/parquet/<config>/<split>``, a JSON list of file URLs)
 and downloads the files as ``0000.parquet``, ``0001.parquet``, ... in the listed order, with
-the shard downloader (``nanochat.download``): parallel, retried with backoff, each file
+the shard downloader (``nanochat.data.download``): parallel, retried with backoff, each file
 checked (readable parquet with the columns the task's converter reads) before it is
 renamed into place. A split whose files were all fetched gets a ``.listing.json``; a later
 run finds it, re-checks the files and sends no request at all (offline re-runs work), and
@@ -39,14 +39,14 @@ from nanochat.common import (
     log,
     run_main,
 )
-from nanochat.download import (
+from nanochat.data.download import (
     Downloader,
     Job,
     Terminated,
     add_network_arguments,
     sigterm_as_interrupt,
 )
-from nanochat.shards import FolderBusy, folder_lock
+from nanochat.data.shards import FolderBusy, folder_lock
 from nanochat.tasks.hub import SOURCES, HubSource, task_data_dir, verify_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
+from nanochat.data.shards import ShardError, data_dir, iter_texts, list_shards, open_shard
 from nanochat.report import write_section
-from nanochat.shards import ShardError, data_dir, iter_texts, list_shards, open_shard
 from nanochat.tokenizer import Tokenizer, TokenizerError, tokenizer_dir
 
 # The files tiktoken 0.14 fetches for each reference encoding, with the sha256 it checks

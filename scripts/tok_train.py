@@ -9,7 +9,7 @@ document to ``--doc-cap`` characters so a few huge documents cannot dominate the
 counts, stops after ``--max-chars`` characters, trains with rustbpe, and saves
 ``BASE_DIR/tokenizer/`` (see nanochat/tokenizer.py) plus the report section ``tokenizer``.
 Upstream's recipe (DESIGN B.2): vocab 2^15, ~2B characters, documents capped at 10K chars.
-A damaged shard (see nanochat/shards.py) stops it with one line naming the shard, exit 1.
+A damaged shard (see nanochat/data/shards.py) stops it with one line naming the shard, exit 1.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
+from nanochat.data.shards import ShardError, check_sizes, data_dir, iter_texts, list_shards
 from nanochat.report import write_section
-from nanochat.shards import ShardError, check_sizes, data_dir, iter_texts, list_shards
 from nanochat.tokenizer import MIN_VOCAB_SIZE, tokenizer_dir, train_tokenizer
 
 PROGRESS_EVERY_S = 10.0
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     base = base_dir()
     if args.dataset == "embedded":
-        from nanochat.dataset import ensure_embedded
+        from nanochat.data.dataset import ensure_embedded
 
         directory = ensure_embedded(base)
     else:

@@ -48,7 +48,7 @@ def base_dir(tmp_path, monkeypatch):
 
 def write_corpus(base: Path, texts: list[str], vocab: int = 300) -> None:
     """Three parquet shards of ``texts`` as dataset "toy" and a tokenizer trained on them."""
-    from nanochat import shards
+    from nanochat.data import shards
     from nanochat.tokenizer import train_tokenizer
 
     folder = shards.data_dir(base, "toy")

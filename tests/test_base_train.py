@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, write_corpus
 
-from nanochat import checkpoint, shards
+from nanochat.data import shards
 from nanochat.tokenizer import train_tokenizer
+from nanochat.training import checkpoint
 
 SMALL = ["--depth=2", "--seq-len=64", "--device-batch=4", "--total-batch=512", "--dataset=toy"]
 
@@ -36,7 +37,7 @@ def losses(base: Path, tag: str) -> list[float]:
 
 def test_loss_falls_below_the_unigram_baseline(base_dir):
     """On the embedded corpus, a few dozen steps beat the best context-free model."""
-    from nanochat.dataset import ensure_embedded
+    from nanochat.data.dataset import ensure_embedded
 
     folder = ensure_embedded(base_dir)
     train_paths, _ = shards.split_shards(folder)
@@ -173,7 +174,7 @@ def test_tiny_preset_flags_divide():
 
 @pytest.mark.parametrize("depth,vocab", [(2, 300), (4, 4096), (12, 32768), (20, 65536)])
 def test_the_dial_counts_what_the_model_has(depth, vocab):
-    from nanochat import dial, gpt
+    from nanochat.model import dial, gpt
 
     config = gpt.config_for_depth(depth, vocab)
     assert dial.width(depth) == config.n_embd
@@ -182,7 +183,7 @@ def test_the_dial_counts_what_the_model_has(depth, vocab):
 
 
 def test_the_dial_follows_the_recipe():
-    from nanochat import dial
+    from nanochat.model import dial
 
     assert dial.derived_total_batch(12, 32768) == 2**19
     assert dial.derived_total_batch(20, 32768) == 2**20

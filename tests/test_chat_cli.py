@@ -1,4 +1,4 @@
-"""Stage chat-cli (scripts/chat_cli.py) and checkpoint loading (nanochat/engine.py's
+"""Stage chat-cli (scripts/chat_cli.py) and checkpoint loading (nanochat/inference/engine.py's
 load_chat_model) on a tiny random checkpoint written into the test's BASE_DIR: one-shot
 answers, the REPL driven through stdin, and one-line errors naming the stage to run first."""
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from nanochat import checkpoint
 from nanochat.common import UsageError
-from nanochat.engine import load_chat_model
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.inference.engine import load_chat_model
+from nanochat.model.gpt import GPTConfig, build_model
 from nanochat.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from nanochat.training import checkpoint
 
 WORDS = "hello there how are you today the weather is fine and warm in the park".split()
 

@@ -14,10 +14,10 @@ import torch
 from conftest import run_cli
 from torch import nn
 
-from nanochat import checkpoint
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.model.gpt import GPTConfig, build_model
 from nanochat.tasks import ARC, MMLU, TaskSlice
 from nanochat.tokenizer import train_tokenizer
+from nanochat.training import checkpoint
 from scripts import chat_eval
 
 VOCAB = 300

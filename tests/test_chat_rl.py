@@ -16,8 +16,9 @@ import torch
 from conftest import run_cli
 from test_chat_train import tiny_tokenizer
 
-from nanochat import checkpoint, gpt
+from nanochat.model import gpt
 from nanochat.tasks import GSM8K
+from nanochat.training import checkpoint
 from scripts import chat_rl
 from scripts.chat_rl import group_advantages, pass_at_k, policy_loss, rows_for
 

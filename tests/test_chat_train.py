@@ -16,10 +16,12 @@ import pytest
 import torch
 from conftest import REPO, VENV_BIN, run_cli
 
-from nanochat import checkpoint, gpt, optim, runtime
-from nanochat.chat_data import PackedConversations, PaddedConversations
+from nanochat import runtime
+from nanochat.data.chat_data import PackedConversations, PaddedConversations
+from nanochat.model import gpt
 from nanochat.tasks import GSM8K, Identity, Mixture, SmolTalk, SpellingBee
 from nanochat.tokenizer import train_tokenizer
+from nanochat.training import checkpoint, optim
 from scripts.mid_train import warm_start
 
 COMMON = ["--tasks=embedded", "--device-batch=4", "--seq-len=64", "--eval-batches=1"]

@@ -47,9 +47,9 @@ def build_chat_checkpoint(base: Path, tag: str = "d2", sequence_len: int = 128, 
     ``loop``, that reply repeated without end). Returns the tokenizer."""
     import torch
 
-    from nanochat import checkpoint
-    from nanochat.gpt import build_model, config_for_depth
+    from nanochat.model.gpt import build_model, config_for_depth
     from nanochat.tokenizer import Tokenizer, tokenizer_dir, train_tokenizer
+    from nanochat.training import checkpoint
 
     if (tokenizer_dir(base) / "tokenizer.json").is_file():
         tok = Tokenizer.load(tokenizer_dir(base))

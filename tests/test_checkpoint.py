@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from nanochat import checkpoint
+from nanochat.training import checkpoint
 
 
 def weights(seed: int) -> dict:
@@ -102,7 +102,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     writer = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        from nanochat import checkpoint
+        from nanochat.training import checkpoint
         big = {{"w": torch.randn(4096, 4096)}}  # 64 MiB: the kill lands mid-write
         print("writing", flush=True)
         while True:

@@ -1,5 +1,5 @@
-"""CORE (nanochat/core_eval.py), the eval bundles (nanochat/eval_bundle.py,
-nanochat/embedded_core.py) and stage base-eval (scripts/base_eval.py).
+"""CORE (nanochat/evaluation/core_eval.py), the eval bundles (nanochat/evaluation/eval_bundle.py,
+nanochat/offline/embedded_core.py) and stage base-eval (scripts/base_eval.py).
 
 Scoring is checked with hand-built models whose logits know the answer (an oracle) or avoid
 it (an anti-oracle); downloads run against a real HTTP server on 127.0.0.1 serving a small
@@ -26,14 +26,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat import core_eval, embedded_core, eval_bundle
-from nanochat.eval_bundle import (
+from nanochat.evaluation import core_eval, eval_bundle
+from nanochat.evaluation.eval_bundle import (
     BundleError,
     LMExample,
     MCExample,
     SchemaExample,
     TaskSpec,
 )
+from nanochat.offline import embedded_core
 from nanochat.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -551,7 +552,7 @@ def test_a_local_zip_source(tmp_path, base_dir):
 
 @pytest.fixture(scope="module")
 def corpus():
-    from nanochat import embedded_corpus
+    from nanochat.offline import embedded_corpus
 
     return embedded_corpus.split_corpus(embedded_corpus.build_corpus())
 
@@ -587,7 +588,7 @@ def test_embedded_bundle_does_not_depend_on_the_hash_seed():
     code = (
         "import random\n"
         + inspect.getsource(synthetic_corpus)
-        + "from nanochat import embedded_core as e\n"
+        + "from nanochat.offline import embedded_core as e\n"
         + "print(e.files_digest(e.build_files(*synthetic_corpus())))\n"
     )
     digests = {
@@ -642,7 +643,7 @@ def test_embedded_items_come_from_the_validation_split(corpus, embedded_files):
 
 
 def test_ensure_embedded_builds_once(base_dir, monkeypatch):
-    from nanochat import embedded_corpus
+    from nanochat.offline import embedded_corpus
 
     calls = []
     monkeypatch.setattr(embedded_corpus, "build_corpus", lambda: calls.append(1) or [])
@@ -686,10 +687,10 @@ def test_no_checkpoint_is_one_line_and_exit_2(base_dir):
 def trained_base(base_dir, embedded_files):
     """BASE_DIR with a byte-level tokenizer, two small shards, the embedded bundle and a
     random depth-2 GPT saved as base_checkpoints/d2 step 5."""
-    from nanochat import checkpoint
-    from nanochat.gpt import GPTConfig, build_model
-    from nanochat.shards import data_dir, write_shard
+    from nanochat.data.shards import data_dir, write_shard
+    from nanochat.model.gpt import GPTConfig, build_model
     from nanochat.tokenizer import tokenizer_dir
+    from nanochat.training import checkpoint
 
     tokenizer = Tokenizer([bytes([b]) for b in range(256)])
     tokenizer.save(tokenizer_dir(base_dir))

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from nanochat import shards
-from nanochat.dataloader import PackedLoader, row_groups
-from nanochat.loss_eval import evaluate_bpb, token_bytes
+from nanochat.data import shards
+from nanochat.data.dataloader import PackedLoader, row_groups
+from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
 from nanochat.tokenizer import train_tokenizer
 
 WORDS = "the model reads packed rows of tokens and learns to predict what comes next".split()

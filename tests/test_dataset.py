@@ -1,4 +1,4 @@
-"""Stage 1 (nanochat.dataset): downloads against a real local HTTP server, the embedded
+"""Stage 1 (nanochat.data.dataset): downloads against a real local HTTP server, the embedded
 corpus, custom folder conversion and every usage error. CPU, offline, a few seconds."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, download, embedded_corpus, shards
+from nanochat.data import dataset, download, shards
+from nanochat.offline import embedded_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 VAL = dataset.REMOTE_DATASETS["climbmix"].validation_index  # 6542
@@ -270,7 +271,7 @@ def run_cli(args: list[str], base: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
     env.pop("HF_TOKEN", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "nanochat.dataset", *args],
+        [sys.executable, "-m", "nanochat.data.dataset", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
     )  # fmt: skip
 

@@ -1,5 +1,5 @@
-"""The inference engine (nanochat/engine.py): KV-cache decoding equals full recompute, sampling
-is seeded, rows stop, the calculator tool is force-fed, the calculator refuses anything but
+"""The inference engine (nanochat/inference/engine.py): KV-cache decoding equals full recompute,
+sampling is seeded, rows stop, the calculator tool is force-fed, the calculator refuses anything but
 arithmetic, and streaming never splits a UTF-8 character.
 
 The KV-cache tests use a real 2-layer GPT with random (non-zero) output projections and a
@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from nanochat.engine import Engine, use_calculator
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.inference.engine import Engine, use_calculator
+from nanochat.model.gpt import GPTConfig, build_model
 from nanochat.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 WORDS = "the cat sat on a mat and ate 12 fish while 3 dogs ran by the old red barn".split()

@@ -1,12 +1,12 @@
-"""The code sandbox (nanochat/execution.py): limits hold, destructive calls are refused, output
-comes back, and a normal program succeeds. Each case starts one small Python process."""
+"""The code sandbox (nanochat/inference/execution.py): limits hold, destructive calls are refused,
+output comes back, and a normal program succeeds. Each case starts one small Python process."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from nanochat.execution import execute_code
+from nanochat.inference.execution import execute_code
 
 
 def test_a_normal_program_succeeds_with_its_output():

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, cli_env, run_cli
 from test_base_train import SMALL, train
 
-from nanochat import checkpoint, run_lock
+from nanochat.training import checkpoint, run_lock
 
 LONG = [*SMALL, "--num-steps=100000", "--eval-every=0", "--save-every=2", "--core-every=0",
         "--sample-every=0"]  # fmt: skip

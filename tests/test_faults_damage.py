@@ -2,7 +2,7 @@
 reported in one line naming the file and what to do; never a traceback, never a silent
 wrong result. Real files, real stage processes, a real HTTP server on 127.0.0.1.
 
-Shards (nanochat/shards.py, dataset.py, download.py, dataloader.py): a shard is decoded whole
+Shards (nanochat/data/shards.py, dataset.py, download.py, dataloader.py): a shard is decoded whole
 before it gets its final name and its size + sha256 are recorded; re-runs and readers check
 them. Tokenizer (nanochat/tokenizer.py): tokenizer.json records the other files' hashes and
 its own. CPU, offline, about 20 s on 2 cores.
@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from nanochat import dataset, shards
 from nanochat import tokenizer as tokmod
+from nanochat.data import dataset, shards
 from nanochat.tokenizer import Tokenizer, tokenizer_dir, train_tokenizer
 
 VAL = dataset.REMOTE_DATASETS["climbmix"].validation_index
@@ -171,7 +171,7 @@ def good(tmp_path):
 
 def download(*extra: str, env: dict | None = None):
     """Stage 1 for climbmix shards 0, 1 and validation, as a real process."""
-    argv = [sys.executable, "-m", "nanochat.dataset", "--dataset", "climbmix", "--shards", "2"]
+    argv = [sys.executable, "-m", "nanochat.data.dataset", "--dataset", "climbmix", "--shards", "2"]
     argv += ["--retry-delay", "0.01", "--timeout", "5", "--workers", "3", *extra]
     return run_cli(argv, env=env)
 
@@ -251,7 +251,7 @@ def test_download_checks_every_shard_in_the_folder_not_only_those_asked_for(hub,
 
 
 def test_loader_on_a_flipped_shard_stops_with_one_line(hub, good, base_dir):
-    from nanochat.dataloader import PackedLoader
+    from nanochat.data.dataloader import PackedLoader
 
     assert download_from_mirror(hub, good).returncode == 0
     train, _ = shards.split_shards(shards.data_dir(base_dir, "climbmix"))
@@ -274,7 +274,7 @@ def test_loader_on_a_flipped_shard_stops_with_one_line(hub, good, base_dir):
 
 
 def test_loader_start_refuses_a_shard_whose_size_changed(hub, good, base_dir):
-    from nanochat.dataloader import PackedLoader
+    from nanochat.data.dataloader import PackedLoader
 
     assert download_from_mirror(hub, good).returncode == 0
     train, _ = shards.split_shards(shards.data_dir(base_dir, "climbmix"))
@@ -347,7 +347,7 @@ def test_converted_shard_with_flipped_bytes_is_converted_again(tmp_path, base_di
     source.mkdir()
     expected = documents(400, seed=7)
     (source / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in expected))
-    argv = [sys.executable, "-m", "nanochat.dataset", "--dataset", "mydocs"]
+    argv = [sys.executable, "-m", "nanochat.data.dataset", "--dataset", "mydocs"]
     argv += ["--source", str(source), "--shard-chars", "20000"]
     assert run_cli(argv).returncode == 0
     folder = shards.data_dir(base_dir, "mydocs")
@@ -363,7 +363,7 @@ def test_converted_shard_with_flipped_bytes_is_converted_again(tmp_path, base_di
 
 
 def test_embedded_shard_with_flipped_bytes_is_rebuilt(base_dir):
-    argv = [sys.executable, "-m", "nanochat.dataset", "--dataset", "embedded"]
+    argv = [sys.executable, "-m", "nanochat.data.dataset", "--dataset", "embedded"]
     assert run_cli(argv).returncode == 0
     folder = shards.data_dir(base_dir, "embedded")
     first = shards.list_shards(folder)[0]
@@ -404,8 +404,8 @@ def swap_tokens(path: Path, rank_a: int, rank_b: int) -> None:
 
 def write_checkpoint(base: Path, vocab_size: int) -> None:
     """A one-layer random GPT saved the way the training stages save it."""
-    from nanochat import checkpoint
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.model.gpt import GPTConfig, build_model
+    from nanochat.training import checkpoint
 
     config = GPTConfig(
         vocab_size=vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, sequence_len=32
@@ -542,7 +542,7 @@ CKPT_RUN = ["--depth=2", "--seq-len=64", "--device-batch=4", "--total-batch=512"
 def test_damaged_checkpoints_never_outrank_or_delete_good_ones(toy):
     """Every checkpoint of a finished run is damaged: the rerun starts over, sets the
     damaged ones aside (nothing deleted), and keeps what it saves; the next run resumes."""
-    from nanochat import checkpoint
+    from nanochat.training import checkpoint
 
     assert _train_toy(CKPT_RUN).returncode == 0
     folder = checkpoint.checkpoint_dir(toy, "base", "d2")

@@ -19,7 +19,8 @@ import torch
 from conftest import REPO, cli_env, toy_texts, write_corpus
 from test_base_train import SMALL, train
 
-from nanochat import checkpoint, common, train_loop
+from nanochat import common
+from nanochat.training import checkpoint, train_loop
 
 RUN = [*SMALL, "--num-steps=100000", "--eval-every=0", "--core-every=0", "--sample-every=0"]
 
@@ -168,7 +169,7 @@ def test_converting_documents_onto_a_full_disk_is_one_line(small_disk, tmp_path)
         (source / f"doc{i}.txt").write_text("\n\n".join(docs))
     filler = fill(small_disk, leave=8 << 20)
     base = small_disk / "base"
-    argv = [sys.executable, "-m", "nanochat.dataset", "--dataset=mydocs", f"--source={source}"]
+    argv = [sys.executable, "-m", "nanochat.data.dataset", "--dataset=mydocs", f"--source={source}"]
     env = cli_env({"NANOCHAT_BASE_DIR": str(base)})
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
@@ -197,7 +198,7 @@ def test_files_of_a_save_killed_before_its_meta_are_pruned_with_the_old_ones(toy
 
 
 def test_a_run_lock_that_cannot_be_written_leaves_no_empty_lock_behind(small_disk):
-    from nanochat import run_lock
+    from nanochat.training import run_lock
 
     folder = small_disk / "base" / "base_checkpoints" / "d2"
     folder.parent.mkdir(parents=True)
@@ -219,6 +220,6 @@ def test_an_empty_lock_left_by_a_killed_start_is_taken_over(toy):
 
 
 def run_lock_path(base: Path) -> Path:
-    from nanochat import run_lock
+    from nanochat.training import run_lock
 
     return run_lock.lock_path(checkpoint.checkpoint_dir(base, "base", "d2"))

@@ -1,4 +1,5 @@
-"""Fault probes against the code sandbox (nanochat/execution.py over nanochat/sandbox.py):
+"""Fault probes against the code sandbox (nanochat/inference/execution.py over
+nanochat/inference/sandbox.py):
 programs that try to forge a HumanEval pass or to get out, under each layer this machine has
 (NANOCHAT_SANDBOX=bwrap, =guard; bwrap is skipped, with the reason, only where bubblewrap
 cannot run).
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import execution
 from nanochat.common import UsageError
-from nanochat.sandbox import NOBODY, Layer, find_bwrap
+from nanochat.inference import execution
+from nanochat.inference.sandbox import NOBODY, Layer, find_bwrap
 from nanochat.tasks.humaneval import HumanEval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ SELECT = """\
 import sys
 sys.path.insert(0, sys.argv[1])
 from nanochat.common import UsageError
-from nanochat.execution import sandbox_description
+from nanochat.inference.execution import sandbox_description
 try:
     print(sandbox_description())
 except UsageError as exc:
@@ -362,7 +363,7 @@ for name in sorted(names):
 PARENT = """\
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from nanochat.execution import execute_code, sandbox_description
+from nanochat.inference.execution import execute_code, sandbox_description
 program = sys.stdin.read().replace("PARENT_PID", str(os.getpid()))
 result = execute_code(program)
 print(json.dumps({"line": sandbox_description(), "stdout": result.stdout,
@@ -502,7 +503,7 @@ def test_right_answers_pass_however_they_are_written(layer, add_problem, how):
 
 
 def test_the_tests_receive_values_and_exceptions_as_the_answer_gave_them(layer):
-    from nanochat.answer_check import check_answer
+    from nanochat.inference.answer_check import check_answer
 
     answer = (
         "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n"
@@ -600,7 +601,7 @@ for pid in os.listdir("/proc"):
 def test_the_tests_are_not_on_the_checkers_command_line(layer, add_problem):
     """/proc/<pid>/cmdline is readable by anyone: an answer sharing the pid namespace (the
     guard) read the tests there and passed 152 of 164 HumanEval problems without solving."""
-    from nanochat.answer_check import check_answer
+    from nanochat.inference.answer_check import check_answer
 
     answer = READ_THE_TESTS + "def add(a, b):\n    return a + b\n"
     result = check_answer(answer, "add", add_problem["prompt"], add_problem["test"])
@@ -640,14 +641,14 @@ def test_a_crafted_report_fails_the_answer_without_crashing_the_eval(layer, add_
     ],
 )
 def test_right_answers_the_checker_used_to_fail(layer, answer, test):
-    from nanochat.answer_check import check_answer
+    from nanochat.inference.answer_check import check_answer
 
     result = check_answer(answer, "f", "def f(x):\n    pass\n", test)
     assert result.success, result.error
 
 
 def test_stopiteration_from_the_answer_cannot_end_the_tests_loops(layer):
-    from nanochat.answer_check import check_answer
+    from nanochat.inference.answer_check import check_answer
 
     test = "def check(candidate):\n    assert all(map(candidate, [2, 4]))\n"
     result = check_answer("def f(x):\n    raise StopIteration\n", "f", "", test)
@@ -655,7 +656,7 @@ def test_stopiteration_from_the_answer_cannot_end_the_tests_loops(layer):
 
 
 def test_no_checker_or_descriptor_is_left_when_the_sandbox_refuses(layer):
-    from nanochat.answer_check import check_answer
+    from nanochat.inference.answer_check import check_answer
 
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError):

@@ -127,7 +127,7 @@ def test_deeply_nested_json_is_a_400_json_error(server):
 
 
 def test_json_depth_counts_structure_only_and_stays_linear():
-    from nanochat.http_guard import json_depth
+    from nanochat.serve.http_guard import json_depth
 
     assert json_depth(b'{"a": [1, {"b": "]]]]"}], "c": "[[[\\"[["}') == 3
     assert json_depth(b"42") == 0 and json_depth(b"[[]][[[]]]") == 3
@@ -323,7 +323,7 @@ def test_slow_clients_are_cut_off(server):
     that send nothing: all are closed within seconds of the documented deadlines (10 s
     for headers, 15 s for a body after its headers), those with a partial request after a
     408."""
-    from nanochat.http_guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
+    from nanochat.serve.http_guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 
     port = server.port
     slow_head = (

@@ -1,4 +1,4 @@
-"""The GPT decoder (nanochat/gpt.py): shapes, counts, init, causality, windows, KV cache.
+"""The GPT decoder (nanochat/model/gpt.py): shapes, counts, init, causality, windows, KV cache.
 
 Models here are tiny (2-3 layers, width 64, vocab 256-512, context 32) so the whole file
 runs in seconds on 2 CPU cores. Tests that need a model whose output depends on its
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat import gpt
-from nanochat.gpt import (
+from nanochat.model import gpt
+from nanochat.model.gpt import (
     GPT,
     GPTConfig,
     KVCache,
@@ -168,8 +168,8 @@ def test_flops_per_token_d20_by_hand():
 
 @pytest.mark.parametrize("depth", [4, 12, 20, 24])
 def test_the_launchers_flops_count_is_the_models(depth):
-    """nanochat.dial prices runs without torch; it must count what the model counts."""
-    from nanochat import dial
+    """nanochat.model.dial prices runs without torch; it must count what the model counts."""
+    from nanochat.model import dial
 
     config = config_for_depth(depth, vocab_size=32768, sequence_len=2048)
     assert dial.flops_per_token(depth, 32768, 2048) == flops_per_token(config)
@@ -183,7 +183,8 @@ def test_flops_per_token_short_windows_see_less_context():
 
 
 def test_groups_feed_the_optimizer():
-    optim = pytest.importorskip("nanochat.optim")  # written in parallel; skip until it lands
+    from nanochat.training import optim
+
     model = build_model(small_config(residual_scalars=True), "cpu")
     optimizer = optim.build_optimizer(param_groups(model), model.config.n_embd, 2**19)
     names = {group["name"] for group in optimizer.param_groups}

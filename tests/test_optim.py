@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.optim import (
+from nanochat.training.optim import (
     MuonAdamW,
     base_lrs,
     build_optimizer,

@@ -10,8 +10,8 @@ from backends import pricing
 from backends.command import script_args
 from backends.presets import PRESETS
 from backends.stages import STAGES_BY_NAME, gpu_count, remote_gpu
-from nanochat import dial
-from nanochat.dataset import REMOTE_DATASETS
+from nanochat.data.dataset import REMOTE_DATASETS
+from nanochat.model import dial
 from scripts.base_train import planned
 
 PRETRAIN = STAGES_BY_NAME["pretrain"]

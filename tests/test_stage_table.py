@@ -156,7 +156,7 @@ def test_make_and_invoke_print_the_same_command():
     assert shlex.split(via_make.stdout) == [
         "python",
         "-m",
-        "nanochat.dataset",
+        "nanochat.data.dataset",
         "--dataset=climbmix",
         "--shards=3",
         "--workers",

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from nanochat.engine import use_calculator
+from nanochat.inference.engine import use_calculator
 from nanochat.tasks import (
     ARC,
     GSM8K,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nanochat import tokenizer as tokmod
-from nanochat.shards import data_dir, list_shards, shard_name, write_shard
+from nanochat.data.shards import data_dir, list_shards, shard_name, write_shard
 from nanochat.tokenizer import (
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,

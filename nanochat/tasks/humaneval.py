@@ -1,11 +1,12 @@
 """HumanEval: write a Python function from its signature and docstring; tests decide.
 
 Chat eval scores it generatively: ``evaluate`` takes the code from the model's completion (the
-first fenced block if there is one) and has ``nanochat.answer_check`` score it: the answer runs
-in the sandbox (``nanochat.execution``), the problem's tests in a separate checker process that
-calls it and receives plain values back, so nothing the answer does (exit early, fake a proof,
-return an object equal to anything) can make the tests pass; only right values can. The
-conversation is the prompt as the user message and prompt + reference solution as the answer.
+first fenced block if there is one) and has ``nanochat.inference.answer_check`` score it: the
+answer runs in the sandbox (``nanochat.inference.execution``), the problem's tests in a separate
+checker process that calls it and receives plain values back, so nothing the answer does (exit
+early, fake a proof, return an object equal to anything) can make the tests pass; only right values
+can. The conversation is the prompt as the user message and prompt + reference solution as the
+answer.
 
 ``source="embedded"``: a dozen tiny hand-written problems in HumanEval's format (prompt,
 canonical solution, ``check(candidate)`` tests, entry point); ``source="hub"`` reads the
@@ -120,7 +121,7 @@ class HumanEval(Task):
             self._items.append(conversation)
 
     def evaluate(self, conversation: dict, completion: str, timeout_s: float = 5.0) -> bool:
-        from nanochat.answer_check import check_answer
+        from nanochat.inference.answer_check import check_answer
 
         problem = Problem(
             conversation["entry_point"], conversation["prompt"], "", conversation["test"]

@@ -2,7 +2,7 @@
 
 Small models see tokens, not letters, so midtraining and SFT mix in this task: the assistant
 spells the word out, checks the count with a python part ``'strawberry'.count('r')`` (which
-``nanochat.engine.use_calculator`` evaluates), reads the python_output part and ends with
+``nanochat.inference.engine.use_calculator`` evaluates), reads the python_output part and ends with
 ``#### <count>``. It is generative: ``evaluate`` compares the number after ``####``.
 
 Embedded only, generated from a word list with a seeded generator.

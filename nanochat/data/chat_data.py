@@ -2,9 +2,9 @@
 
 - ``PackedConversations`` (midtraining): every conversation rendered with
   ``Tokenizer.render_conversation`` (it starts with BOS) and packed into rows of seq_len + 1
-  tokens by the same best fit as pretraining (``nanochat.dataloader.BestFitPacker``): the longest
-  buffered conversation that still fits goes in next, and when none fits the shortest is
-  cropped to fill the row. Every token is trained on (``targets = row[1:]``).
+  tokens by the same best fit as pretraining (``nanochat.data.dataloader.BestFitPacker``): the
+  longest buffered conversation that still fits goes in next, and when none fits the
+  shortest is cropped to fill the row. Every token is trained on (``targets = row[1:]``).
 - ``PaddedConversations`` (SFT): one conversation per row (cropped to seq_len + 1 tokens),
   rows padded to the batch's longest; targets are -1 where the mask is 0 (user turns, tool
   output, BOS, ``assistant_start``) and on padding, so the loss is on assistant tokens only.
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from nanochat.dataloader import BestFitPacker, _Buffer, to_device
+from nanochat.data.dataloader import BestFitPacker, _Buffer, to_device
 
 DEFAULT_BUFFER_CONVERSATIONS = 64
 

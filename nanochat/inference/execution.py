@@ -1,12 +1,12 @@
 """Run untrusted Python (a model's HumanEval answer) in a separate, fenced-in process.
 
-HumanEval (``nanochat.answer_check``) runs the model's answer here with ``execute_code`` and
-the task's tests in a separate checker process that calls it: only right values pass, since a
-program that wants to cheat can fake what ``success`` means here (see below).
-DESIGN B.8: separate process, temp working dir, scrubbed env, stdin closed, time and memory
-limits, destructive calls disabled. Two layers fence the child in:
+HumanEval (``nanochat.inference.answer_check``) runs the model's answer here with ``execute_code``
+and the task's tests in a separate checker process that calls it: only right values pass, since a
+program that wants to cheat can fake what ``success`` means here (see below). DESIGN B.8: separate
+process, temp working dir, scrubbed env, stdin closed, time and memory limits, destructive calls
+disabled. Two layers fence the child in:
 
-1. The operating system (``nanochat.sandbox``): bubblewrap where it works here (new
+1. The operating system (``nanochat.inference.sandbox``): bubblewrap where it works here (new
    namespaces, read-only system, a private /tmp/work, no network, the process tree killed
    as a whole), else nothing at this level; as root the child runs as uid 65534 under both.
    ``sandbox_description()`` says in one line which layer is active; chat_eval logs it.
@@ -54,7 +54,7 @@ The runner and the program share one interpreter, so a program written to cheat 
 fake ``success`` under every layer: re-enter the runner (it is the ``__main__`` module), read
 the nonce from the inherited descriptor and write the proof, or defeat tests run in the
 same process (objects equal to anything). That is why HumanEval's tests never run here but
-in ``nanochat.answer_check``'s checker; ``success`` here means "ran to its end" for honest
+in ``nanochat.inference.answer_check``'s checker; ``success`` here means "ran to its end" for honest
 programs only.
 
 The guard alone is not a security boundary: a program can undo its patches (recover the
@@ -82,7 +82,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.sandbox import (
+from nanochat.inference.sandbox import (
     NOBODY,
     PROGRAM_INSIDE,
     WORK_INSIDE,

@@ -20,9 +20,9 @@ Layout under ``BASE_DIR/eval_bundle/`` (one subfolder per bundle, same format in
     dclm.zip.sha256     its sha256, recorded after the first download (sha256sum format)
     dclm/               the extracted bundle (core.yaml, eval_meta_data.csv, eval_data/) plus
                         bundle.json (where it came from, the archive's sha256)
-    embedded/           the offline miniature bundle (nanochat/embedded_core.py)
+    embedded/           the offline miniature bundle (nanochat/offline/embedded_core.py)
 
-Robustness follows the shard downloader (nanochat/download.py): the archive is streamed into a
+Robustness follows the shard downloader (nanochat/data/download.py): the archive is streamed into a
 temp file, checked (a zip whose CRCs hold, with core.yaml, eval_meta_data.csv and every data
 file core.yaml names) and only then renamed into place; transient failures are retried with
 jittered exponential backoff. Extraction goes into a temp folder renamed into place, with
@@ -613,7 +613,7 @@ def fetch(
     """
     import requests
 
-    from nanochat.download import (
+    from nanochat.data.download import (
         CHUNK_BYTES,
         MAX_BACKOFF_S,
         RETRY_STATUS,
@@ -817,7 +817,7 @@ def ensure(base: Path, name: str, source: str | None = None, **fetch_options) ->
     if name == "embedded":
         if source is not None:
             raise BundleError("--source applies to the dclm bundle only (embedded is built here)")
-        from nanochat.embedded_core import ensure_embedded_bundle
+        from nanochat.offline.embedded_core import ensure_embedded_bundle
 
         folder = ensure_embedded_bundle(base)
     elif name == "dclm":

@@ -11,8 +11,8 @@ all ranks finished theirs, so its presence means the checkpoint is whole (the Mo
 commits its volume when one appears). ``latest`` walks the metas from the newest and returns
 the first whose files all exist with the recorded size and hash: a checkpoint cut short by a
 kill (or damaged later) is reported in one line and the previous one is used.
-``start_point`` takes the tag's run lock (``nanochat.run_lock``: one run per tag at a time),
-removes temp files a killed save left, and applies the stage's --resume policy; checkpoints
+``start_point`` takes the tag's run lock (``nanochat.training.run_lock``: one run per tag at a
+time), removes temp files a killed save left, and applies the stage's --resume policy; checkpoints
 a fresh start must not pick up (they would be resumed, or loaded by the next stage, instead
 of the new run's) are moved to ``<kind>_checkpoints/.replaced/<tag>-<time>/``, never deleted.
 Damaged checkpoints newer than the one resumed are moved aside the same way
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from nanochat import run_lock
 from nanochat.common import (
     DiskFullError,
     UsageError,
@@ -45,6 +44,7 @@ from nanochat.common import (
     log,
     sweep_temp_files,
 )
+from nanochat.training import run_lock
 
 META = re.compile(r"^meta_(\d{6})\.json$")
 STEP_OF_FILE = re.compile(r"^(?:model|rank)_(\d{6})(?:_r\d+)?\.pt$")

@@ -4,7 +4,7 @@
 ``*.jsonl`` (field ``text``) and ``*.txt`` (one document per file) under ``source``, in
 sorted path order, and writes shards of about ``shard_chars`` characters to ``folder``; the
 last shard is validation. A manifest (``.source.json``) records what was converted, so an
-unchanged source is not converted again. The caller (``nanochat.dataset``) holds the lock.
+unchanged source is not converted again. The caller (``nanochat.data.dataset``) holds the lock.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanochat import shards
 from nanochat.common import atomic_write_text, one_line
-from nanochat.shards import building, folder_complete
+from nanochat.data import shards
+from nanochat.data.shards import building, folder_complete
 
 VALIDATION_FRACTION = 0.10  # custom data that fits one shard: last 10% of documents
 MANIFEST = ".source.json"  # what a custom folder was converted from

@@ -2,7 +2,7 @@
 
 ``base_data/<dataset>/shard_NNNNN.parquet``, zstd, row groups of 1024 documents (DESIGN B.1).
 The highest-numbered shard of a folder is the validation split; all others are training.
-Stage 1 (``nanochat.dataset``) writes shards with this module; the tokenizer and the data
+Stage 1 (``nanochat.data.dataset``) writes shards with this module; the tokenizer and the data
 loader read them with it.
 
 Integrity: a shard gets its final name only after every row group decoded
@@ -314,8 +314,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderBusy(
-                f"another nanochat.dataset run is writing {folder} (lock {lock_path} is held); "
-                "wait for it to finish"
+                f"another nanochat.data.dataset run is writing {folder} (lock {lock_path} is held);"
+                " wait for it to finish"
             ) from None
         sweep_temp_files(folder)  # leftovers of a run killed hard (SIGKILL, power loss)
         yield

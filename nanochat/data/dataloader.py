@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat import shards
+from nanochat.data import shards
 from nanochat.tokenizer import Tokenizer
 
 DEFAULT_BUFFER_DOCS = 256  # documents kept ready for best fit (more = tighter packing)

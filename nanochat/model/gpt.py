@@ -528,7 +528,7 @@ def build_model(
 
 
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """The parameters by optimizer treatment (the names nanochat/optim.py expects).
+    """The parameters by optimizer treatment (the names nanochat/training/optim.py expects).
 
     "matrices": the 2-D matrices inside the blocks (Muon); "embedding": token and value
     embeddings, "head": the output head, "scalars": per-layer scalars (AdamW). A group

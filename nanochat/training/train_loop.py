@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from nanochat import optim, runtime
+from nanochat import runtime
 from nanochat.common import atomic_write_text, log, sweep_temp_files
+from nanochat.training import optim
 
 
 def set_schedule(optimizer, step: int, lr_multiplier: float) -> None:

@@ -1,17 +1,17 @@
 """Stage 1: put pretraining text under ``BASE_DIR/base_data/<dataset>/`` as parquet shards.
 
-Three kinds of data, one output format (``nanochat.shards``; the highest-numbered shard is
+Three kinds of data, one output format (``nanochat.data.shards``; the highest-numbered shard is
 the validation split):
 
     # remote: shards 0..N-1 of a published dataset plus its validation shard, in parallel
-    python -m nanochat.dataset --dataset climbmix --shards 8
-    python -m nanochat.dataset --dataset fineweb-edu --shards 240 --workers 16
+    python -m nanochat.data.dataset --dataset climbmix --shards 8
+    python -m nanochat.data.dataset --dataset fineweb-edu --shards 240 --workers 16
     # the same files from a mirror (same file names under that URL)
-    python -m nanochat.dataset --dataset climbmix --shards 8 --source https://mirror.example/climbmix
+    python -m nanochat.data.dataset --dataset climbmix --shards 8 --source https://mirror.example/climbmix
     # your own documents: *.parquet (column text), *.jsonl (field text), *.txt (one per file)
-    python -m nanochat.dataset --dataset mydocs --source /path/to/folder
+    python -m nanochat.data.dataset --dataset mydocs --source /path/to/folder
     # the tiny offline corpus (stdlib docstrings; what the tiny preset uses)
-    python -m nanochat.dataset --dataset embedded
+    python -m nanochat.data.dataset --dataset embedded
 
 Every shard is written to a temp file and every row group of it decoded
 (``shards.verify_shard``) before it is renamed into place, so a shard under its final name is
@@ -23,7 +23,7 @@ One run per folder at a time (``<folder>/.lock``). Exit codes: 0 done, 1 some sh
 (or a damaged shard that cannot be fetched again), 2 bad input, 130 Ctrl-C, 143 SIGTERM.
 
 This module holds the dataset table, the embedded build and the CLI; the work is done by
-``nanochat.download`` (remote shards) and ``nanochat.custom_data`` (a local folder).
+``nanochat.data.download`` (remote shards) and ``nanochat.data.custom_data`` (a local folder).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nanochat import shards
 from nanochat.common import (
     CliParser,
     base_dir,
@@ -47,14 +46,15 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
-from nanochat.custom_data import InputError, convert_folder
-from nanochat.download import (
+from nanochat.data import shards
+from nanochat.data.custom_data import InputError, convert_folder
+from nanochat.data.download import (
     Downloader,
     Terminated,
     add_network_arguments,
     sigterm_as_interrupt,
 )
-from nanochat.shards import FolderBusy, ShardError, building, folder_complete, folder_lock
+from nanochat.data.shards import FolderBusy, ShardError, building, folder_complete, folder_lock
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -119,7 +119,7 @@ def ensure_embedded(base: Path) -> Path:
 
 
 def _build_embedded(folder: Path) -> None:
-    from nanochat import embedded_corpus
+    from nanochat.offline import embedded_corpus
 
     start = time.monotonic()
     train, val = embedded_corpus.split_corpus(embedded_corpus.build_corpus())
@@ -153,7 +153,7 @@ def _pack(texts: list[str], shard_chars: int) -> list[list[str]]:
 
 def build_parser() -> CliParser:
     parser = CliParser(
-        prog="python -m nanochat.dataset",
+        prog="python -m nanochat.data.dataset",
         description="Stage 1: download (or build) pretraining shards under "
         "$NANOCHAT_BASE_DIR/base_data/<dataset>/.",
     )

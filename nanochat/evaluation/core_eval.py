@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.eval_bundle import (
+from nanochat.evaluation.eval_bundle import (
     Bundle,
     Example,
     LMExample,

@@ -4,7 +4,7 @@ The DCLM bundle needs the internet, and its tasks (HellaSwag, ARC, Jeopardy...) 
 what a model trained for minutes on Python's docstrings can do. This bundle asks the same
 three kinds of question about the kind of text the tiny model read, so its CORE can rise
 above zero. Every item is taken from the **validation** split of the embedded corpus
-(nanochat/embedded_corpus.py): prose sentences of the docstrings the model never trained
+(nanochat/offline/embedded_corpus.py): prose sentences of the docstrings the model never trained
 on. Only word statistics come from the training split.
 
 Tasks (``num_fewshot``, random baseline):
@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nanochat.common import atomic_write_text, log
-from nanochat.eval_bundle import (
+from nanochat.evaluation.eval_bundle import (
     CORE_YAML,
     DATA_DIR,
     META_CSV,
@@ -285,7 +285,7 @@ def build_files(train_texts: Sequence[str], val_texts: Sequence[str]) -> dict[st
     tasks = build_tasks(train_texts, val_texts)
     specs = [spec for spec, _ in tasks]
     header = (
-        "Embedded miniature CORE bundle (nanochat/embedded_core.py), generated from the\n"
+        "Embedded miniature CORE bundle (nanochat/offline/embedded_core.py), generated from the\n"
         f"validation split of the embedded stdlib corpus; generator version {GENERATOR_VERSION}."
     )
     files = {
@@ -364,7 +364,7 @@ def ensure_embedded_bundle(base: Path) -> Path:
         if folder_complete(folder) and _record_current(folder):
             return folder
         sweep(root, "embedded")
-        from nanochat import embedded_corpus
+        from nanochat.offline import embedded_corpus
 
         train, val = embedded_corpus.split_corpus(embedded_corpus.build_corpus())
         files = build_files(train, val)

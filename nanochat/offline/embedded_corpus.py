@@ -1,6 +1,6 @@
 """The embedded corpus: English prose mined from the Python standard library's own source.
 
-The ``tiny`` preset must run offline, so stage 1 (``python -m nanochat.dataset --dataset
+The ``tiny`` preset must run offline, so stage 1 (``python -m nanochat.data.dataset --dataset
 embedded``) builds its pretraining text from something every machine already has: the
 docstrings, long string literals (``pydoc_data/topics.py`` holds the language reference)
 and comment blocks of the stdlib's ``.py`` files. Files are parsed with ``ast``, never

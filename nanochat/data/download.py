@@ -1,7 +1,7 @@
 """The pipeline's HTTP downloader: fetch files in parallel, verified, atomically, with retries.
 
 ``Downloader(base_url, folder).run(indices, listing_url)`` GETs
-``<base_url>/shard_NNNNN.parquet`` for each index (stage 1, ``nanochat.dataset``);
+``<base_url>/shard_NNNNN.parquet`` for each index (stage 1, ``nanochat.data.dataset``);
 ``run_jobs(jobs)`` fetches any list of ``Job(url, path, verify)`` (the chat task data,
 ``scripts.task_data``), and ``get_json(url)`` reads a small JSON document (a file listing)
 under the same retry rules. Each body goes to a temp file while its sha256 is computed; it must
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nanochat import shards
 from nanochat.common import atomic_path, file_sha256, log, one_line, stamp
+from nanochat.data import shards
 
 CHUNK_BYTES = 1 << 20
 LISTING_BATCH = 200  # file names per paths-info request (a conservative batch)

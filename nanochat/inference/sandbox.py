@@ -1,8 +1,8 @@
 """The operating-system fence around model-written code: which layer runs it, how it is
 started (bubblewrap's command line) and how everything it started is stopped.
 
-``nanochat.execution.execute_code`` (HumanEval answers, scored by ``scripts/chat_eval.py``)
-runs every program under one of two layers, chosen once per process:
+``nanochat.inference.execution.execute_code`` (HumanEval answers, scored by
+``scripts/chat_eval.py``) runs every program under one of two layers, chosen once per process:
 
 - ``bwrap``: Debian's bubblewrap. New pid, network, ipc and uts namespaces (and a new user
   namespace when the caller is not root), a root file system that holds only the read-only
@@ -15,7 +15,7 @@ runs every program under one of two layers, chosen once per process:
   (nobody) before the program runs: a real unprivileged uid outside the namespaces too,
   which a user namespace mapped onto root would not be. The pid namespace dies with its
   init, so nothing the program starts outlives the run.
-- ``guard``: no OS isolation, only the in-process guard of ``nanochat.execution`` (it also
+- ``guard``: no OS isolation, only the in-process guard of ``nanochat.inference.execution`` (it also
   runs inside bubblewrap, as the second layer). Run as root, the child still switches to
   uid/gid 65534 before the program runs, so it can neither read the parent's
   /proc/<pid>/environ nor write root's files; it can read world-readable files, write
@@ -25,7 +25,7 @@ runs every program under one of two layers, chosen once per process:
 guard, and the one-line description says why), ``bwrap`` (bubblewrap or a one-line
 UsageError, never a silent downgrade) or ``guard``. Whether a layer works is probed by
 running one tiny program through it (bubblewrap can be missing, or refused inside containers
-such as gVisor or Docker without privileges); ``nanochat.execution.sandbox_description()``
+such as gVisor or Docker without privileges); ``nanochat.inference.execution.sandbox_description()``
 probes and returns the line chat_eval logs at startup.
 """
 

@@ -42,7 +42,7 @@ import torch
 from nanochat.common import UsageError, one_line
 
 if TYPE_CHECKING:
-    from nanochat.gpt import GPT
+    from nanochat.model.gpt import GPT
     from nanochat.tokenizer import Tokenizer
 
 SOURCES = ("base", "mid", "sft", "rl")
@@ -56,7 +56,7 @@ STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 def _complete_tags(base: Path, source: str) -> list[tuple[float, Path]]:
     """(mtime of the newest complete meta, folder) of each tag of a stage with a usable
     checkpoint. Sizes are checked here; the hash only for the one that gets loaded."""
-    from nanochat import checkpoint
+    from nanochat.training import checkpoint
 
     root = Path(base) / f"{source}_checkpoints"
     if not root.is_dir():
@@ -78,7 +78,7 @@ def find_chat_checkpoint(
     base: Path, source: str = "auto", tag: str | None = None, step: int | None = None
 ):
     """(source, checkpoint.Found) of the checkpoint to chat with; UsageError with the fix."""
-    from nanochat import checkpoint
+    from nanochat.training import checkpoint
 
     base = Path(base)
     if source not in (*SOURCES, "auto"):
@@ -132,9 +132,9 @@ def load_chat_model(
     ``source``, ``tag`` and ``directory``. Every problem is a one-line UsageError saying
     which stage to run first.
     """
-    from nanochat import checkpoint
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.model.gpt import GPTConfig, build_model
     from nanochat.tokenizer import Tokenizer, tokenizer_dir
+    from nanochat.training import checkpoint
 
     source, found = find_chat_checkpoint(base, source, tag, step)
     where = f"{found.directory} step {found.step}"
@@ -378,7 +378,7 @@ class Engine:
 
     @torch.no_grad()  # on a generator: applied around each step only, not to the caller
     def _decode(self, prompt, n, steps, temperature, top_k, top_p, seed):
-        from nanochat.gpt import KVCache
+        from nanochat.model.gpt import KVCache
 
         if steps <= 0:
             return

@@ -5,7 +5,7 @@ program that wants to cheat can fake that proof from inside its own interpreter 
 the runner, read the proof pipe, return an object equal to anything). So the tests do not
 run there. Two processes instead (``check_answer``):
 
-- the **answer**, in the sandbox (``nanochat.execution``): the model's code, then a loop
+- the **answer**, in the sandbox (``nanochat.inference.execution``): the model's code, then a loop
   that serves calls of the entry point: it reads the arguments, calls the function, sends
   back the result;
 - the **checker**, a plain interpreter with a clean environment and limits: it runs the
@@ -39,7 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanochat.execution import KEEP_OUTPUT_CHARS, ExecutionResult, active_layer, execute_code
+from nanochat.inference.execution import (
+    KEEP_OUTPUT_CHARS,
+    ExecutionResult,
+    active_layer,
+    execute_code,
+)
 
 MAX_MESSAGE_BYTES = 16 << 20  # one call's arguments or result
 CHECKER_MEMORY_MB = 1024

@@ -1,0 +1,1 @@
+"""Scoring models: loss and bits per byte, CORE and its bundle format."""

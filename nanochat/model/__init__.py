@@ -1,0 +1,1 @@
+"""The model: the depth dial (torch-free arithmetic) and the GPT itself."""

@@ -1,0 +1,1 @@
+"""Serving a model over HTTP: request guards and the chat page."""

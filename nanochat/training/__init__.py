@@ -1,0 +1,3 @@
+"""What every trainer shares: the optimizer, the training loop, checkpoints and the per-tag run
+lock.
+"""
