@@ -19,7 +19,8 @@ from collections.abc import Callable
 from invoke import Collection, Exit, Task
 
 from backends.knobs import KNOBS
-from backends.launch import launch, resolve_base_dir, speedrun
+from backends.launch import launch, speedrun
+from backends.planning import resolve_base_dir
 from backends.stages import STAGES
 from nanochat import lifeline
 from nanochat.common import UsageError
@@ -68,13 +69,17 @@ def _run(c, argv: list[str]) -> None:
 
 
 def test(c, args=""):
-    """run the test suite (CPU, offline) on every core (pytest-xdist); ARGS go to pytest"""
+    """lint, then the test suite (CPU, offline) on every core (pytest-xdist); ARGS go to
+    pytest, and a run with ARGS (a few tests while you work) skips the lint"""
+    if not args.strip():
+        lint(c)
     parallel = ["-n", "auto", "--dist", "loadscope"]  # a module's tests stay on one worker
     _run(c, [sys.executable, "-m", "pytest", *parallel, "--durations=10", *shlex.split(args)])
 
 
 def lint(c):
-    """ruff check + format check"""
+    """ruff check + format check (make test runs it first; CI enforces it)"""
+    print("[nanochat] lint: ruff check + ruff format --check", flush=True)
     _run(c, [sys.executable, "-m", "ruff", "check", "."])
     _run(c, [sys.executable, "-m", "ruff", "format", "--check", "."])
 

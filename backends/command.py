@@ -4,7 +4,7 @@
     python -m scripts.X <args>                                         # one process or CPU
 
 The local backend runs it directly, docker inside the image, Modal inside the container:
-the string is the same everywhere (DESIGN A.2).
+the string is the same everywhere.
 """
 
 from __future__ import annotations

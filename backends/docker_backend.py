@@ -1,19 +1,20 @@
 """The docker backend: BACKEND=docker runs the very same stage command inside the image.
 
+Part of the launcher (tasks.py -> backends -> scripts), for every stage of the pipeline
+(data -> tokenizer -> pretrain -> eval -> midtrain -> SFT -> RL -> chat/serve).
+
 The command is the one ``backends/command.py`` builds for every backend (``python -m ...`` or
 ``torchrun ...``); here it runs in a container of the image built from ``docker/Dockerfile``,
-with BASE_DIR bind-mounted at ``/data/nanochat`` (``launch.CONTAINER_BASE_DIR``, the path
+with BASE_DIR bind-mounted at ``/data/nanochat`` (``planning.CONTAINER_BASE_DIR``, the path
 the Dockerfile sets NANOCHAT_BASE_DIR to), so artifacts land in the same layout as a local
 run, owned by the caller (the container runs as the caller's uid:gid).
 
-Image: tagged ``nanochat:<12 hex>``, a hash of every file the build context holds (what
-``.dockerignore`` leaves in) and of the build arguments, so unchanged inputs never rebuild
-and any source, Dockerfile, pyproject.toml or uv.lock change gives a new tag. A missing tag
-is built with the docker CLI under BuildKit (the Python SDK only drives the legacy builder),
-or with the classic builder where the CLI has no buildx plugin (the Dockerfile needs no
-BuildKit feature; the log says which). NANOCHAT_DOCKER_BUILD_ARGS passes build arguments,
-e.g. ``BASE_IMAGE=<a mirror of the CUDA image>``. Containers are then created, streamed and
-stopped with the SDK, with the GPUs CUDA_VISIBLE_DEVICES names (all of them when unset).
+Image: tagged ``nanochat:<12 hex>`` (``backends/docker_image.py``: a hash of the build
+context and the build arguments). A missing tag is built with the docker CLI under BuildKit
+(the Python SDK only drives the legacy builder), or with the classic builder where the CLI
+has no buildx plugin (the Dockerfile needs no BuildKit feature; the log says which).
+Containers are then created, streamed and stopped with the SDK, with the GPUs
+CUDA_VISIBLE_DEVICES names (all of them when unset).
 
 An interactive stage (chat-cli without ``-p``) runs as ``docker run -it`` from a terminal;
 without one it stops before anything starts and says how to give it a prompt.
@@ -32,30 +33,26 @@ imported when something talks to the engine or builds a container spec.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
-import hashlib
 import os
-import posixpath
 import shlex
 import signal
 import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from backends import local
-from backends.launch import CONTAINER_BASE_DIR, Plan, check_writable, resolve_base_dir
+from backends.docker_image import DOCKERFILE, IMAGE_NAME, build_argv, image_tag
 from backends.local import REPO_ROOT
+from backends.planning import CONTAINER_BASE_DIR, Plan, check_writable, resolve_base_dir
 from backends.secrets import SECRET_NAMES, load_secrets
 from backends.secrets import describe as describe_secrets
 from nanochat.common import BASE_DIR_ENV, CliParser, UsageError, one_line
 from nanochat.gpus import visible_ids
 
-IMAGE_NAME = "nanochat"
-DOCKERFILE = "docker/Dockerfile"  # relative to the repository root (the build context)
 WORKDIR = "/app"  # the image's WORKDIR: the source and its .venv
 SHM_SIZE = "16g"  # DataLoader workers and NCCL share memory through /dev/shm
 # NVIDIA's advice for PyTorch containers: unlimited locked memory, a 64 MiB stack.
@@ -69,7 +66,6 @@ STOP_TIMEOUT_S = 30  # between SIGTERM and SIGKILL when a run is stopped
 STAGE_LABEL = "nanochat.stage"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 NO_SDK = "BACKEND=docker needs the docker package: make setup EXTRAS=docker"
-BUILD_ARGS_ENV = "NANOCHAT_DOCKER_BUILD_ARGS"  # "KEY=VALUE KEY2='a b'" for docker build
 
 
 class ImageBuildError(UsageError):
@@ -124,130 +120,7 @@ def check_ready() -> None:
     connect(timeout=10).close()
 
 
-# --- the image tag: a hash of the build context ----------------------------------------
-
-
-def dockerignore_rules(repo_root: Path = REPO_ROOT) -> list[tuple[bool, tuple[str, ...]]]:
-    """``.dockerignore`` as (exception?, pattern components), in file order.
-
-    The subset our file uses: plain names and paths, ``*``/``?`` globs within one component,
-    ``**`` for any number of components, a trailing ``/``, ``#`` comments and ``!`` exceptions.
-    Patterns are anchored at the context root, as docker reads them.
-    """
-    path = repo_root / ".dockerignore"
-    if not path.is_file():
-        return []
-    rules = []
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        exception = line.startswith("!")
-        line = posixpath.normpath(line.lstrip("!").strip().strip("/"))
-        parts = tuple(p for p in line.split("/") if p not in ("", "."))
-        if parts:
-            rules.append((exception, parts))
-    return rules
-
-
-def _matches(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    """True when the pattern matches the path or one of its parent folders (a prefix of
-    its components): excluding a folder excludes everything inside it."""
-    if not pattern:
-        return True
-    if pattern[0] == "**":
-        return any(_matches(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
-    return (
-        bool(parts)
-        and fnmatch.fnmatchcase(parts[0], pattern[0])
-        and _matches(pattern[1:], parts[1:])
-    )
-
-
-def is_ignored(relpath: str, rules: Iterable[tuple[bool, tuple[str, ...]]]) -> bool:
-    """Whether ``.dockerignore`` keeps this path (relative, ``/``-separated) out of the
-    context: the last rule that matches decides."""
-    parts = tuple(relpath.split("/"))
-    ignored = False
-    for exception, pattern in rules:
-        if _matches(pattern, parts):
-            ignored = not exception
-    return ignored
-
-
-def _candidate_files(repo_root: Path, rules: list[tuple[bool, tuple[str, ...]]]) -> list[str]:
-    """Every file under the root, as the engine sees the context: git's ignore rules play no
-    part (the context is what ``.dockerignore`` leaves in, so the tag must be too). Ignored
-    folders are not entered when no ``!`` exception could bring something inside back."""
-    prune = not any(exception for exception, _ in rules)
-    found = []
-    for folder, dirs, files in os.walk(repo_root):
-        rel_folder = Path(folder).relative_to(repo_root).as_posix()
-        prefix = "" if rel_folder == "." else rel_folder + "/"
-        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
-        found += [prefix + name for name in (*files, *links)]
-        if prune:
-            dirs[:] = [d for d in dirs if not is_ignored(prefix + d, rules)]
-    return sorted(found)
-
-
-def build_inputs(repo_root: Path = REPO_ROOT) -> list[str]:
-    """The files (relative paths, sorted) that make up the image's build context."""
-    rules = dockerignore_rules(repo_root)
-    return [name for name in _candidate_files(repo_root, rules) if not is_ignored(name, rules)]
-
-
-def build_args() -> dict[str, str]:
-    """The build arguments NANOCHAT_DOCKER_BUILD_ARGS names (shell words of KEY=VALUE)."""
-    raw = os.environ.get(BUILD_ARGS_ENV, "")
-    try:
-        words = shlex.split(raw)
-    except ValueError as exc:
-        raise UsageError(f"{BUILD_ARGS_ENV} cannot be split like a shell line: {exc}") from None
-    found = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{BUILD_ARGS_ENV} takes KEY=VALUE words, got {word!r}")
-        found[key] = value
-    return found
-
-
-def image_tag(repo_root: Path = REPO_ROOT, args: Mapping[str, str] | None = None) -> str:
-    """``nanochat:<12 hex>``: sha256 over each build input's path, kind and bytes, and the
-    build arguments (another base image is another image)."""
-    digest = hashlib.sha256()
-    args = build_args() if args is None else args
-    for key in sorted(args):
-        digest.update(f"arg\0{key}\0{args[key]}\0".encode())
-    for name in build_inputs(repo_root):
-        path = repo_root / name
-        try:
-            info = path.lstat()
-        except FileNotFoundError:  # tracked but deleted in the working tree: not in the context
-            continue
-        if os.path.islink(path):
-            kind, data = "link", os.readlink(path).encode("utf-8", "surrogateescape")
-        elif path.is_file():
-            kind, data = ("exec" if info.st_mode & 0o111 else "file"), path.read_bytes()
-        else:  # a submodule or something odd: its path alone
-            kind, data = "other", b""
-        header = f"{name}\0{kind}\0{len(data)}\0".encode("utf-8", "surrogateescape")
-        digest.update(header)
-        digest.update(data)
-    return f"{IMAGE_NAME}:{digest.hexdigest()[:12]}"
-
-
 # --- building -----------------------------------------------------------------------------
-
-
-def build_argv(
-    tag: str, repo_root: Path = REPO_ROOT, args: Mapping[str, str] | None = None
-) -> list[str]:
-    """The build command, run from the repository root with DOCKER_BUILDKIT set."""
-    args = build_args() if args is None else args
-    arg_flags = [flag for key in sorted(args) for flag in ("--build-arg", f"{key}={args[key]}")]
-    return ["docker", "build", "-f", DOCKERFILE, *arg_flags, "-t", tag, str(repo_root)]
 
 
 def ensure_image(client, tag: str, repo_root: Path = REPO_ROOT) -> bool:

@@ -11,10 +11,10 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from nanochat.common import UsageError
+from nanochat.common import CHECKPOINT_KINDS, UsageError
 
 BACKENDS = ("local", "docker", "modal")
-CHECKPOINT_SOURCES = ("base", "mid", "sft", "rl")
+CHECKPOINT_SOURCES = CHECKPOINT_KINDS  # SOURCE picks one kind of checkpoint
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The Modal app: every stage as a Modal function, in the image of docker/Dockerfile.
 
+Part of the launcher (tasks.py -> backends -> scripts), for every stage of the pipeline
+(data -> tokenizer -> pretrain -> eval -> midtrain -> SFT -> RL -> chat/serve).
+
 ``make <stage> BACKEND=modal`` (backends/modal_backend.py) runs the function of that stage;
 ``make speedrun BACKEND=modal`` runs ``speedrun_remote``, which calls the stage functions in
 order from inside Modal (the background download with ``.spawn()``, joined with ``.get()``),
@@ -7,12 +10,10 @@ so a detached run survives the laptop. Inside the container a
 stage runs through the local backend's own runner (backends/local.py): the same command,
 the same signal handling, the same exit codes.
 
-Layout on Modal: two volumes, mounted under ``/vol``, and BASE_DIR (``/data/nanochat``, as
-in the image) made of symlinks into them, so every path a stage uses is the same as on a
-laptop. ``nanochat-data`` keeps what is downloaded or derived from the corpus (shards,
-tokenizer, eval bundle, task data); ``nanochat-checkpoints`` keeps what training produces
-(checkpoints, reports, logs). Volumes are committed whenever a new checkpoint appears and
-when the stage ends, so a preempted and retried stage resumes from its latest checkpoint.
+Layout on Modal (``backends/modal_volumes.py``): two volumes, mounted under ``/vol``, and
+BASE_DIR (``/data/nanochat``, as in the image) made of symlinks into them, so every path a
+stage uses is the same as on a laptop; they are committed whenever a new checkpoint appears
+and when the stage ends, so a preempted and retried stage resumes from its latest checkpoint.
 
 This module imports no torch (the laptop only launches) and needs no Modal token to
 import: the tests introspect it offline. Do not rename it to ``modal.py``: ``modal run
@@ -34,7 +35,18 @@ import modal
 
 from backends import command, local
 from backends.launch import report_table
-from backends.modal_backend import WEB_IDLE_S, WEB_KNOBS_ENV
+from backends.modal_names import WEB_IDLE_S, WEB_KNOBS_ENV
+from backends.modal_volumes import (
+    VOLUME_MOUNTS,
+    VOLUME_ROOT,
+    VOLUME_ROOT_ENV,
+    VOLUMES,
+    CheckpointCommitter,
+    commit_volumes,
+    link_base_dir,
+    unpersisted,
+    volumes,
+)
 from backends.pricing import gpu_hours
 from backends.secrets import API_KEY_NAME, load_secrets
 from backends.stages import (
@@ -52,37 +64,12 @@ from nanochat.training import run_lock
 
 APP_NAME = "nanochat"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VOLUME_ROOT_ENV = "NANOCHAT_VOLUME_ROOT"  # where the volumes are mounted (tests: a temp dir)
-VOLUME_ROOT = "/vol"
-# Volume name -> the top-level BASE_DIR entries it holds. Every artifact a stage reads or
-# writes must be listed (tests/test_modal_app.py checks this against the stage table).
-VOLUMES: dict[str, tuple[str, ...]] = {
-    "nanochat-data": ("base_data", "tokenizer", "eval_bundle", "task_data"),
-    "nanochat-checkpoints": (
-        "base_checkpoints",
-        "mid_checkpoints",
-        "sft_checkpoints",
-        "rl_checkpoints",
-        "report",
-        "logs",
-    ),
-}
-CHECKPOINT_VOLUME = "nanochat-checkpoints"
 MODAL_SECRET_ENV = "NANOCHAT_MODAL_SECRET"  # optional name of a Modal secret to attach too
-COMMIT_POLL_S = 30.0
 USAGE_ERROR = 2  # a stage's bad-input exit code: retrying cannot help
 
 
 def function_name(stage_name: str) -> str:
     return "stage_" + stage_name.replace("-", "_")
-
-
-def volume_of(entry: str) -> str:
-    """The volume holding a top-level BASE_DIR entry (``base_checkpoints`` -> its volume)."""
-    for name, entries in VOLUMES.items():
-        if entry in entries:
-            return name
-    raise KeyError(entry)
 
 
 def resource_options(stage: Stage, gpu: str | None) -> dict[str, object]:
@@ -138,77 +125,12 @@ def dict_secret_values() -> dict[str, str]:
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 CONTEXT_DIR = REPO_ROOT  # Modal's default is the current directory: never rely on it
 image = modal.Image.from_dockerfile(str(DOCKERFILE), context_dir=str(CONTEXT_DIR))
-volumes = {name: modal.Volume.from_name(name, create_if_missing=True) for name in VOLUMES}
-VOLUME_MOUNTS = {f"{VOLUME_ROOT}/{name}": vol for name, vol in volumes.items()}
 SECRETS = function_secrets()
 # include_source=False: the code comes from the image (COPY . .), one copy only.
 app = modal.App(APP_NAME, image=image, volumes=VOLUME_MOUNTS, include_source=False)
 
 
 # ---- inside the container ----------------------------------------------------------------
-
-
-def link_base_dir(base: Path, volume_root: Path) -> None:
-    """Make BASE_DIR's top-level entries symlinks into the volumes (idempotent)."""
-    base.mkdir(parents=True, exist_ok=True)
-    for name, entries in VOLUMES.items():
-        for entry in entries:
-            target = volume_root / name / entry
-            target.mkdir(parents=True, exist_ok=True)
-            link = base / entry
-            if link.is_symlink() and link.resolve() == target.resolve():
-                continue
-            if link.exists() or link.is_symlink():
-                raise RuntimeError(f"{link} exists and is not a link to the volume {name}")
-            link.symlink_to(target, target_is_directory=True)
-
-
-def unpersisted(base: Path) -> list[str]:
-    """Top-level BASE_DIR entries that are not on a volume (they die with the container)."""
-    return sorted(p.name for p in base.iterdir() if not p.is_symlink()) if base.is_dir() else []
-
-
-def commit_volumes(names=tuple(VOLUMES)) -> None:
-    """Persist the volumes' changes; outside a Modal container (tests) there is nothing to do."""
-    if modal.is_local():
-        return
-    for name in names:
-        volumes[name].commit()
-
-
-def _checkpoint_files(base: Path) -> set[str]:
-    found = set()
-    for entry in VOLUMES[CHECKPOINT_VOLUME]:
-        if entry.endswith("_checkpoints") and (base / entry).is_dir():
-            found |= {str(p) for p in (base / entry).rglob("meta_*.json")}
-    return found
-
-
-class CheckpointCommitter(threading.Thread):
-    """Commits the checkpoint volume each time a new checkpoint is complete: a checkpoint's
-    meta_<step>.json is written last, so its appearance means the checkpoint is whole."""
-
-    def __init__(self, base: Path, commit=commit_volumes, poll_s: float = COMMIT_POLL_S):
-        super().__init__(daemon=True, name="checkpoint-committer")
-        self.base, self.commit, self.poll_s = base, commit, poll_s
-        self.seen = _checkpoint_files(base)
-        self.stopped = threading.Event()
-        self.commits = 0
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.poll_s):
-            self.check()
-
-    def check(self) -> None:
-        now = _checkpoint_files(self.base)
-        if now - self.seen:
-            self.commit((CHECKPOINT_VOLUME,))
-            self.commits += 1
-            print(f"[nanochat] modal: committed {len(now - self.seen)} new checkpoint(s)")
-        self.seen = now
-
-    def stop(self) -> None:
-        self.stopped.set()
 
 
 def remote_command(stage: Stage, knobs: dict, base: Path) -> command.StageCommand:

@@ -20,7 +20,9 @@ import time
 
 from backends import pricing
 from backends.command import script_args
-from backends.launch import chat_hint, entry_line
+from backends.launch import chat_hint
+from backends.modal_names import VOLUME_NAMES, WEB_IDLE_S, WEB_KNOBS_ENV
+from backends.planning import entry_line
 from backends.presets import PRESETS
 from backends.secrets import API_KEY_NAME, load_secrets
 from backends.secrets import describe as describe_secrets
@@ -31,11 +33,6 @@ LOGIN_HELP = (
     "no Modal credentials: run `modal setup` (or `modal token new`), "
     "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
 )
-# What describe() says about the remote layout; backends/modal_app.py holds the real table
-# (kept import-free here so a dry run needs no modal package).
-VOLUME_NAMES = ("nanochat-data", "nanochat-checkpoints")
-WEB_KNOBS_ENV = "NANOCHAT_WEB_KNOBS"  # chat-web's knobs (JSON), fixed when the app is built
-WEB_IDLE_S = 600  # chat-web's container stays up this long after the last request
 PROXY_AUTH_HELP = (
     "Modal proxy auth: requests need the headers Modal-Key and Modal-Secret (a proxy auth "
     "token, made at modal.com/settings/proxy-auth-tokens); set NANOCHAT_API_KEY to use a "
@@ -299,7 +296,7 @@ def serve_web(plan) -> int:
 
 
 def _volume_for(path: str) -> tuple[str, str]:
-    from backends.modal_app import volume_of
+    from backends.modal_volumes import volume_of
 
     top = path.strip("/").split("/", 1)[0]
     try:

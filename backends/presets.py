@@ -55,24 +55,24 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             # d12 at ratio 12 trains ~1.3B tokens: 29 shards of ~46M (nanochat.data.dataset);
-            # 32 leaves a margin (tests/test_presets.py checks every preset's shards).
+            # 32 leaves a margin (tests/unit/test_presets.py checks every preset's shards).
             "quick",
             "d12 on 32 ClimbMix shards: the seed's quick test (~1 h on 4 GPUs)",
             {"dataset": "climbmix", "shards": 32, "depth": 12, "gpu": "A100-80GB:4"},
         ),
         Preset(
             # d20 at the default params:data ratio of 12 needs ~5.2B tokens, about 114
-            # ClimbMix shards of ~46M tokens each (DESIGN B.1/B.4); 150 leaves a margin.
+            # ClimbMix shards of ~46M tokens each; 150 leaves a margin.
             "speedrun",
             "d20: the seed's default speedrun (~4 h on 8 GPUs)",
             {"dataset": "climbmix", "shards": 150, "depth": 20, "gpu": "H100:8"},
         ),
         Preset(
             # d24 at ratio 8 with fp8 (the pretrain stage's gpt2 flags) needs ~5.8B tokens,
-            # ~127 shards; ~150 suffice for GPT-2 grade upstream (DESIGN B.1), 170 leaves a
+            # ~127 shards; ~150 suffice for GPT-2 grade upstream, 170 leaves a
             # margin.
             "gpt2",
-            "d24, GPT-2 grade CORE (DESIGN B.9)",
+            "d24, GPT-2 grade CORE",
             {
                 "dataset": "climbmix",
                 "shards": 170,

@@ -1,14 +1,14 @@
 """Cost of a remote run, printed before it starts, and GPU-hours after each stage.
 
-The tables, kept here and nowhere else: Modal's on-demand list prices (USD per GPU-hour,
-per CPU core-hour and per GiB-hour of memory; modal.com/pricing, checked 2026-11, change
-them here when they move), a rough relative training speed per GPU type, the training
-throughput we measured (docs/benchmarks.md), and rough wall hours for the other stages.
+The prices come from ``nanochat/prices.py`` (Modal's on-demand list prices, the one copy,
+which the report stage reads too). The other tables, kept here and nowhere else: a rough
+relative training speed per GPU type, the training throughput we measured
+(docs/benchmarks.md), and rough wall hours for the other stages.
 
 Pretraining is derived, not guessed: the tokens the preset's command will train (the depth
 dial, ``scripts.base_train.planned``: depth, ratio, batch) divided by the tokens/s its GPUs
 give, which come from the measured throughput at the nearest measured depth scaled by
-FLOPs per token (the same MFU), times 1.17 with fp8 (DESIGN B.4), the GPU type's relative
+FLOPs per token (the same MFU), times 1.17 with fp8, the GPU type's relative
 speed and the GPU count (linear: optimistic past one node), plus TRAINING_OVERHEAD for the
 evaluations and checkpoints during training. Other stages and CPU runs use EXPECTED_HOURS,
 scaled by throughput for multi-GPU stages on other GPUs.
@@ -21,21 +21,9 @@ from dataclasses import dataclass
 from backends.stages import Stage, gpu_count, remote_resources
 from nanochat.common import UsageError
 from nanochat.model import dial
+from nanochat.prices import CPU_CORE_PRICE, GPU_PRICE, MEMORY_PRICE
 
-# USD per GPU-hour, and bf16 training speed relative to one H100 (rough, for estimates only).
-GPU_PRICE = {
-    "B200": 6.25,
-    "H200": 4.54,
-    "H100": 3.95,
-    "A100-80GB": 2.50,
-    "A100-40GB": 2.10,
-    "A100": 2.10,
-    "L40S": 1.95,
-    "A10G": 1.10,
-    "A10": 1.10,
-    "L4": 0.80,
-    "T4": 0.59,
-}
+# bf16 training speed relative to one H100 (rough, for estimates only).
 RELATIVE_SPEED = {
     "B200": 2.0,
     "H200": 1.1,
@@ -49,8 +37,6 @@ RELATIVE_SPEED = {
     "L4": 0.11,
     "T4": 0.05,
 }
-CPU_CORE_PRICE = 0.047  # USD per physical core-hour
-MEMORY_PRICE = 0.008  # USD per GiB-hour
 
 # Measured: tokens/s of one H100 80GB (bf16, torch.compile, context 2048, vocab 32,768),
 # scripts.bench_train, docs/benchmarks.md (2026-11-24).
@@ -59,7 +45,7 @@ MEASURED_VOCAB, MEASURED_SEQ = 32768, 2048
 # One CPU thread: 3,044 tokens/s on 2 threads of an AMD EPYC at d4, vocab 4,096, context
 # 256 (fp32, docs/benchmarks.md, 2026-11-24): (depth, vocab, context, tokens/s per thread).
 MEASURED_CPU_THREAD = (4, 4096, 256, 3044 / 2)
-FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26 on H100 (DESIGN B.4)
+FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26 on H100
 TRAINING_OVERHEAD = 1.1  # val bpb / CORE / samples during training, checkpoints, start-up
 
 # Rough wall hours per stage on the preset's reference GPUs (its GPU knob; the seed's

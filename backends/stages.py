@@ -90,7 +90,7 @@ SMOKE_CHAT_TRAINING = ("--num-steps=4", "--eval-every=2", "--eval-batches=1", "-
 STAGES: tuple[Stage, ...] = (
     Stage(
         "download",
-        "nanochat.data.dataset",
+        "scripts.download",
         "fetch pretraining shards in parallel (or build the embedded corpus)",
         "cpu",
         knobs=("dataset", "shards", "source"),
@@ -165,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
                 "--eval-batches=1",
                 "--save-every=3",
             ),
-            # GPT-2 grade as upstream reached it (DESIGN B.9): tokens = 8 x scaling params,
+            # GPT-2 grade as upstream reached it: tokens = 8 x scaling params,
             # fp8 matmuls on H100. The preset's shards and its price follow from these.
             "gpt2": ("--ratio=8", "--fp8"),
         },
@@ -337,7 +337,7 @@ SPEEDRUN: tuple[SpeedrunEntry, ...] = (
 # Knobs that mean something to `make speedrun` only (a single stage notes them as unused).
 SPEEDRUN_KNOBS = ("rl", "force")
 # The tokenizer reads 2e9 characters by default (scripts/tok_train.py --max-chars) and a
-# ClimbMix/FineWeb shard holds ~250M (DESIGN B.1): the first 8 shards are enough for it, so
+# ClimbMix/FineWeb shard holds ~250M: the first 8 shards are enough for it, so
 # a speedrun that needs more downloads those first and the rest in the background while
 # the entries below run (the seed's speedrun does the same).
 TOKENIZER_SHARDS = 8

@@ -9,17 +9,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 BASE_DIR_ENV = "NANOCHAT_BASE_DIR"
 DEFAULT_BASE_DIR = Path("~/.cache/nanochat")
+# The trained stages whose checkpoints live in BASE_DIR/<kind>_checkpoints/, in pipeline order
+# (base = pretraining). Backends read it too, so it lives here, without torch.
+CHECKPOINT_KINDS = ("base", "mid", "sft", "rl")
 
 
 def base_dir() -> Path:
@@ -286,6 +290,34 @@ def sweep_temp_files(folder: Path | str, of: str = "") -> list[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def lock_folder(
+    folder: Path | str, busy: Callable[[Path], Exception] | None = None
+) -> Iterator[None]:
+    """An exclusive flock on ``<folder>/.lock`` (the folder is created) for the ``with`` block.
+
+    When another process holds it: ``busy(lock_path)`` is raised at once when given; without
+    ``busy``, a line says so and the call waits for its turn. The lock file is never deleted:
+    removing it would let two processes lock two different inodes. The kernel drops the lock
+    when the process dies, so it cannot go stale.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy is not None:
+                raise busy(lock_path) from None
+            log(f"waiting for another run to finish writing {folder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from nanochat import gpus, lifeline
 from nanochat.training import run_lock
 
 DTYPE_ENV = "NANOCHAT_DTYPE"
-# Dense bf16 peak FLOP/s per GPU, for MFU (DESIGN B.3); None where unknown (CPU).
+# Dense bf16 peak FLOP/s per GPU, for MFU; None where unknown (CPU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "A10": 125e12}
 
 

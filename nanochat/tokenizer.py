@@ -2,7 +2,7 @@
 
 Stage 2 (``scripts/tok_train.py``) learns the merges with ``rustbpe`` and saves them under
 ``BASE_DIR/tokenizer/``; every later stage loads them with ``Tokenizer.load`` and encodes with
-``tiktoken`` (fast, multi-threaded). Facts from DESIGN B.2:
+``tiktoken`` (fast, multi-threaded). Facts from the recipe (upstream nanochat):
 
 - GPT-4's pre-tokenization regex, except that digits are grouped 1-2 at a time (not 1-3),
   which spends fewer vocabulary slots on numbers.
@@ -43,6 +43,7 @@ from nanochat.common import (
     log,
     one_line,
 )
+from nanochat.model.dial import SEQ_LEN
 
 # GPT-4's split pattern (cl100k) with \p{N}{1,2} in place of \p{N}{1,3}.
 SPLIT_PATTERN = (
@@ -280,7 +281,7 @@ class Tokenizer:
     # --- chat ---------------------------------------------------------------------------
 
     def render_conversation(
-        self, conversation: Mapping, max_tokens: int = 2048
+        self, conversation: Mapping, max_tokens: int = SEQ_LEN
     ) -> tuple[list[int], list[int]]:
         """A conversation as ``(ids, mask)``, cut to ``max_tokens``; mask 1 = train on it.
 

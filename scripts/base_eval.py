@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from nanochat.common import (
     UsageError,
     atomic_write_text,
     base_dir,
-    die,
     log,
     non_negative_int,
     one_line,
@@ -43,21 +41,16 @@ from nanochat.common import (
     run_main,
 )
 from nanochat.evaluation.eval_bundle import BUNDLES
+from nanochat.evaluation.samples import (
+    SAMPLE_PROMPTS,
+    SAMPLE_TOKENS,
+    greedy_completion,
+    printable,
+)
 
 DEFAULT_DATASET = "climbmix"  # when neither --dataset nor the checkpoint names one
 DEFAULT_DEVICE_BATCH = 32
 CSV_NAME = "base-eval-core.csv"
-SAMPLE_TOKENS = 24
-# Prompts whose greedy completions are printed: general knowledge (what CORE asks about) and
-# the docstring register the embedded corpus is written in (what the tiny model read).
-SAMPLE_PROMPTS = (
-    "The largest planet in the solar system is",
-    "The opposite of cold is",
-    "Seven days make one",
-    "Return a new list containing",
-    "This function raises ValueError if",
-    "If the timeout argument is None,",
-)
 
 
 def build_parser() -> CliParser:
@@ -116,90 +109,6 @@ def build_parser() -> CliParser:
     return parser
 
 
-# --- inputs, all checked before any heavy work ---------------------------------------------
-
-
-def find_checkpoint(base: Path, tag: str | None, step: int | None):
-    """The checkpoint to evaluate (checkpoint.Found); UsageError with the fix otherwise."""
-    from nanochat.training import checkpoint
-
-    root = base / "base_checkpoints"
-    if tag is None:
-        tags = [d for d in sorted(root.iterdir()) if checkpoint.steps(d)] if root.is_dir() else []
-        if not tags:
-            raise UsageError(f"no base checkpoint in {root}: run `make pretrain` first")
-
-        def newest(directory: Path) -> float:
-            return checkpoint.meta_file(directory, checkpoint.steps(directory)[0]).stat().st_mtime
-
-        tag = max(tags, key=newest).name
-    directory = checkpoint.checkpoint_dir(base, "base", tag)
-    if step is None:
-        found = checkpoint.latest(directory)
-        if found is None:
-            raise UsageError(
-                f"no usable checkpoint in {directory}: run `make pretrain` first "
-                "(or pick another --tag)"
-            )
-        return found
-    available = checkpoint.steps(directory)
-    if step not in available:
-        have = ", ".join(map(str, available)) or "none"
-        raise UsageError(f"no checkpoint of step {step} in {directory} (steps: {have})")
-    try:
-        return checkpoint.Found(directory, step, checkpoint.verify(directory, step))
-    except checkpoint.CheckpointError as exc:
-        raise UsageError(f"checkpoint step {step} in {directory} is not usable: {exc}") from None
-
-
-def inherited(name: str, given, saved: dict, default, say: bool):
-    """A setting from the command line, else from the checkpoint's run config, else default."""
-    if given is not None:
-        if say and saved.get(name) not in (None, given):
-            log(f"overriding {name}: {saved[name]} (checkpoint) -> {given}")
-        return given
-    if name in saved:
-        if say:
-            log(f"inherited {name} {saved[name]} from the checkpoint")
-        return saved[name]
-    return default
-
-
-# --- model --------------------------------------------------------------------------------
-
-
-def load_model(found, device):
-    """The GPT of a checkpoint, rebuilt from its meta, in eval mode."""
-    from nanochat.model.gpt import GPTConfig, build_model
-    from nanochat.training import checkpoint
-
-    config = GPTConfig(**found.meta["model_config"])
-    model = build_model(config, device)
-    state = checkpoint.load_model_state(found, device)
-    # A model saved through torch.compile carries the wrapper's prefix.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    model.load_state_dict(state)
-    model.eval()
-    return model, config
-
-
-def greedy_completion(model, tokenizer, prompt: str, max_tokens: int, context: int, device) -> str:
-    """The argmax continuation of ``prompt``, one full forward per token (no KV cache)."""
-    import torch
-
-    ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
-            next_id = int(model(x)[0, -1].argmax())
-            if tokenizer.is_special(next_id):
-                break
-            ids.append(next_id)
-            out.append(next_id)
-    return tokenizer.decode(out)
-
-
 def bits_per_byte(model, tokenizer, paths, batch: int, seq_len: int, steps: int, rt) -> float:
     from nanochat.data.dataloader import PackedLoader, row_groups
     from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
@@ -215,11 +124,6 @@ def bits_per_byte(model, tokenizer, paths, batch: int, seq_len: int, steps: int,
 
 
 # --- outputs -------------------------------------------------------------------------------
-
-
-def printable(text: str) -> str:
-    """One line: control characters (a random model emits plenty) shown escaped."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def core_csv(result) -> str:
@@ -254,36 +158,27 @@ def core_table(result) -> str:
 # --- main ----------------------------------------------------------------------------------
 
 
-def _fail(message: str) -> None:
-    """One line and exit 2; under torchrun only rank 0 prints it (every rank exits)."""
-    if os.environ.get("RANK", "0") == "0":
-        die(message)
-    raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.source is not None and args.bundle != "dclm":
-        _fail("--source names where the dclm bundle comes from; the embedded one is built here")
+        raise UsageError(
+            "--source names where the dclm bundle comes from; the embedded one is built here"
+        )
     base = base_dir()
-    try:
-        found = find_checkpoint(base, args.tag, args.step)
-        from nanochat.tokenizer import Tokenizer, tokenizer_dir
+    from nanochat.tokenizer import Tokenizer, tokenizer_dir
+    from nanochat.training import checkpoint
 
-        try:
-            tokenizer = Tokenizer.load(tokenizer_dir(base))
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(one_line(exc)) from None
-    except UsageError as exc:
-        _fail(str(exc))
+    _, found = checkpoint.find(base, "base", args.tag, args.step)
+    try:
+        tokenizer = Tokenizer.load(tokenizer_dir(base))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(one_line(exc)) from None
 
     from nanochat import runtime
 
     rt = runtime.start()
     try:
         return evaluate(args, base, found, tokenizer, rt)
-    except UsageError as exc:
-        _fail(str(exc))
     finally:
         runtime.stop(rt)
 
@@ -293,8 +188,9 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
 
     from nanochat import runtime
     from nanochat.data.shards import data_dir, split_shards
-    from nanochat.evaluation import core_eval, eval_bundle
+    from nanochat.evaluation import bundle_fetch, core_eval, eval_bundle
     from nanochat.report import write_section
+    from nanochat.training import checkpoint
 
     start = time.monotonic()
     say = rt.master
@@ -308,8 +204,10 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
             f"the checkpoint's vocabulary ({model_config.get('vocab_size')}) differs from the "
             f"tokenizer's ({tokenizer.vocab_size}): was the tokenizer retrained after pretraining?"
         )
-    dataset = inherited("dataset", args.dataset, saved, DEFAULT_DATASET, say)
-    device_batch = inherited("device_batch", args.device_batch, saved, DEFAULT_DEVICE_BATCH, say)
+    dataset = checkpoint.inherited("dataset", args.dataset, saved, DEFAULT_DATASET, say)
+    device_batch = checkpoint.inherited(
+        "device_batch", args.device_batch, saved, DEFAULT_DEVICE_BATCH, say
+    )
     try:
         train_paths, val_path = split_shards(data_dir(base, dataset))
     except FileNotFoundError as exc:
@@ -319,7 +217,7 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
     bundle = error = None
     if rt.master:
         try:
-            bundle = eval_bundle.ensure(base, args.bundle, args.source)
+            bundle = bundle_fetch.ensure(base, args.bundle, args.source)
         except eval_bundle.BundleError as exc:
             error = str(exc)
     if runtime.all_agree(error is not None, rt):
@@ -336,7 +234,8 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
         bundle = eval_bundle.load_bundle(eval_bundle.bundle_dir(base, args.bundle), args.bundle)
 
     # --- model
-    model, config = load_model(found, rt.device)
+    model = checkpoint.load_model(found, rt.device)
+    config = model.config
     seq_len = config.sequence_len
     if say:
         n_params = sum(p.numel() for p in model.parameters())
@@ -413,7 +312,15 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
         "seconds": f"{time.monotonic() - start:.1f}",
     }
     body = f"{table}\n\nGreedy samples:\n\n```\n{sample_block}\n```\n"
-    write_section(base, "base-eval", "Base model evaluation", facts, body)
+    write_section(
+        base,
+        "base-eval",
+        "Base model evaluation",
+        facts,
+        body,
+        metrics={"CORE": result.core, "train_bpb": bpb["train"], "val_bpb": bpb["val"]},
+        wall_seconds=time.monotonic() - start,
+    )
 
     print(table)
     print(f"\nCORE {result.core:.4f} | train bpb {bpb['train']:.4f} | val bpb {bpb['val']:.4f}")

@@ -1,6 +1,6 @@
 """Stage 3: pretrain the base model. ``python -m scripts.base_train --depth=12`` (or torchrun).
 
-The depth dial sets everything else (DESIGN B.3/B.4): width, heads, the horizon (tokens =
+The depth dial sets everything else: width, heads, the horizon (tokens =
 ratio x scaling parameters), the total batch (2^19 tokens at d12, growing as D^0.383 with
 the data, a power of two), the learning rates (scaled with width and batch) and gradient
 accumulation (total batch / (device batch x sequence x processes), which must divide);
@@ -17,11 +17,6 @@ Writes base_checkpoints/<tag>/ and report/pretrain.md (the stage's completion ma
 from __future__ import annotations
 
 import json
-import os
-import random
-import sys
-import time
-from functools import partial
 from pathlib import Path
 
 from nanochat.common import (
@@ -33,6 +28,8 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
+from nanochat.model.dial import SEQ_LEN
+from nanochat.training.train_loop import StepResult, Trainer, run, train_step
 
 
 def build_parser() -> CliParser:
@@ -40,7 +37,9 @@ def build_parser() -> CliParser:
     p.add_argument("--depth", type=positive_int, default=20, help="the size dial (default 20)")
     p.add_argument("--dataset", default="climbmix", help="shards under base_data/<dataset>")
     p.add_argument("--device-batch", type=positive_int, default=32, help="rows per micro-step")
-    p.add_argument("--seq-len", type=positive_int, default=2048, help="context length")
+    p.add_argument(
+        "--seq-len", type=positive_int, default=SEQ_LEN, help=f"context length (default {SEQ_LEN})"
+    )
     p.add_argument(
         "--total-batch", type=positive_int, help="tokens per optimizer step (default: derived)"
     )
@@ -95,231 +94,168 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args, rt, tokenizer, train_paths, val_path, base: Path) -> int:
-    import torch
+    return run(Pretraining(args, rt, tokenizer, train_paths, val_path, base), args, base)
 
-    from nanochat.data.dataloader import PackedLoader
-    from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
-    from nanochat.model import dial, gpt
-    from nanochat.report import write_section
-    from nanochat.training import checkpoint, optim, train_loop
 
-    wandb_run = start_wandb(args, rt)  # checked before any work: a missing wandb is bad input
-    if args.fp8 and rt.device.type != "cuda":
-        raise UsageError("--fp8 needs a CUDA GPU (H100 class); drop it on this machine")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    check_memory(args, tokenizer.vocab_size, rt)
-    config = gpt.config_for_depth(args.depth, tokenizer.vocab_size, sequence_len=args.seq_len)
-    model = gpt.build_model(config, rt.device)
-    scaling = gpt.scaling_params(model)
-    the_dial = dial.plan(
-        args.depth,
-        tokenizer.vocab_size,
-        args.seq_len,
-        args.device_batch,
-        rt.world_size,
-        args.ratio,
-        args.total_batch,
-        args.num_steps,
-    )
-    if the_dial.scaling != scaling:
-        raise RuntimeError(f"dial counts {the_dial.scaling} scaling params, the model {scaling}")
-    total_batch, accum, num_steps = the_dial.total_batch, the_dial.accumulation, the_dial.steps
-    optimizer = optim.build_optimizer(gpt.param_groups(model), config.n_embd, total_batch)
-    for group in optimizer.param_groups:
-        group["initial_lr"] *= args.lr_scale
-        group["lr"] = group["initial_lr"]
-    loader = PackedLoader(
-        train_paths,
-        tokenizer,
-        args.device_batch,
-        args.seq_len,
-        rt.rank,
-        rt.world_size,
-        rt.device,
-    )
-    tag = args.tag or f"d{args.depth}"
-    ckpt_dir = checkpoint.checkpoint_dir(base, "base", tag)
-    run_config = {
-        "depth": args.depth,
-        "seq_len": args.seq_len,
-        "device_batch": args.device_batch,
-        "total_batch": total_batch,
-        "num_steps": num_steps,
-        "dataset": args.dataset,
-        "world_size": rt.world_size,
-        "lr_scale": args.lr_scale,
-    }
-    start_step = 0
-    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier, rt.agree)
-    if found:
-        start_step = resume(found, run_config, model, optimizer, loader, rt)
-    bytes_per_token = token_bytes(tokenizer, rt.device)
-    flops_per_token = gpt.flops_per_token(config)
-    peak = rt.peak_flops()
-    bundle = None
-    if args.core_every and num_steps >= args.core_every:
-        bundle = core_bundle(args, base, rt)
-    if args.fp8:
-        use_fp8(model)
-    forward = model
-    if args.compile == "on" or (args.compile == "auto" and rt.device.type == "cuda"):
-        forward = torch.compile(model)
-    stop = train_loop.Stop()
-    if rt.master:
-        for line in the_dial.describe():
-            log(line)
-        log(
-            f"pretrain d{args.depth}: accumulation {accum}, {rt.world_size} process(es), "
-            f"{rt.dtype} on {rt.device.type}, from step {start_step}"
+class Pretraining(Trainer):
+    """Pretraining's own parts of the one loop (nanochat/training/train_loop.py): the model the
+    dial builds, packed shards, the warmup/warmdown schedule, val bpb every --eval-every, CORE
+    and samples when due, and the report section with the throughput."""
+
+    name = "pretrain"
+
+    def __init__(self, args, rt, tokenizer, train_paths, val_path, base: Path):
+        from nanochat.data.dataloader import PackedLoader
+        from nanochat.evaluation.loss_eval import token_bytes
+        from nanochat.model import dial, gpt
+        from nanochat.training import checkpoint, optim, run_state
+
+        self.args, self.rt, self.tokenizer, self.base = args, rt, tokenizer, base
+        self.val_path = val_path
+        # checked before any work: a missing wandb is bad input
+        self.wandb_run = run_state.start_wandb(args.run, rt)
+        if args.fp8 and rt.device.type != "cuda":
+            raise UsageError("--fp8 needs a CUDA GPU (H100 class); drop it on this machine")
+        run_state.seed(args.seed)
+        check_memory(args, tokenizer.vocab_size, rt)
+        self.config = gpt.config_for_depth(
+            args.depth, tokenizer.vocab_size, sequence_len=args.seq_len
         )
+        self.model = gpt.build_model(self.config, rt.device)
+        self.scaling = gpt.scaling_params(self.model)
+        self.dial = dial.plan(
+            args.depth, tokenizer.vocab_size, args.seq_len, args.device_batch, rt.world_size,
+            args.ratio, args.total_batch, args.num_steps,
+        )  # fmt: skip
+        if self.dial.scaling != self.scaling:
+            raise RuntimeError(
+                f"dial counts {self.dial.scaling} scaling params, the model {self.scaling}"
+            )
+        self.total_batch, self.num_steps = self.dial.total_batch, self.dial.steps
+        self.optimizer = optim.build_optimizer(
+            gpt.param_groups(self.model), self.config.n_embd, self.total_batch
+        )
+        run_state.scale_lrs(self.optimizer, args.lr_scale)
+        self.loader = PackedLoader(
+            train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size,
+            rt.device,
+        )  # fmt: skip
+        self.tag = args.tag or f"d{args.depth}"
+        self.ckpt_dir = checkpoint.checkpoint_dir(base, "base", self.tag)
+        self.run_config = {
+            "depth": args.depth,
+            "seq_len": args.seq_len,
+            "device_batch": args.device_batch,
+            "total_batch": self.total_batch,
+            "num_steps": self.num_steps,
+            "dataset": args.dataset,
+            "world_size": rt.world_size,
+            "lr_scale": args.lr_scale,
+        }
+        self.position = self.loader
+        self.start_or_resume(args.resume)
+        self.bytes_per_token = token_bytes(tokenizer, rt.device)
+        self.flops_per_token = gpt.flops_per_token(self.config)
+        self.peak = rt.peak_flops()
+        self.bundle = None
+        if args.core_every and self.num_steps >= args.core_every:
+            self.bundle = core_bundle(args, base, rt)
+        if args.fp8:
+            use_fp8(self.model)
+        self.forward = run_state.compiled(self.model, args.compile, rt)
+        if rt.master:
+            for line in self.dial.describe():
+                log(line)
+            log(
+                f"pretrain d{args.depth}: accumulation {self.dial.accumulation}, "
+                f"{rt.world_size} process(es), {rt.dtype} on {rt.device.type}, "
+                f"from step {self.start_step}"
+            )
 
-    def val_bpb() -> float:
-        val = PackedLoader([val_path], tokenizer, args.device_batch, args.seq_len,
+    def val_bpb(self) -> float:
+        from nanochat.data.dataloader import PackedLoader
+        from nanochat.evaluation.loss_eval import evaluate_bpb
+
+        args, rt = self.args, self.rt
+        val = PackedLoader([self.val_path], self.tokenizer, args.device_batch, args.seq_len,
                            rt.rank, rt.world_size, rt.device)  # fmt: skip
-        model.eval()
+        self.model.eval()
         with rt.autocast():
-            result = evaluate_bpb(forward, iter(val), args.eval_batches, bytes_per_token)
-        model.train()
+            result = evaluate_bpb(self.forward, iter(val), args.eval_batches, self.bytes_per_token)
+        self.model.train()
         return result
 
-    def periodic(step: int) -> None:
-        """CORE and samples when due (rank 0 prints; every rank evaluates its share)."""
+    def lr_multiplier(self, step: int) -> float:
+        from nanochat.training import optim
+
+        return optim.lr_multiplier(step, self.num_steps)
+
+    def before_step(self, step: int) -> None:
+        """Val bpb, CORE and samples when due (rank 0 prints; every rank evaluates its share)."""
+        args, rt = self.args, self.rt
+        if step == self.start_step:
+            return
+        if args.eval_every and step % args.eval_every == 0:
+            self.bpb = self.val_bpb()
+            if rt.master:
+                log(f"step {step}: val bpb {self.bpb:.4f}")
+                if self.wandb_run:
+                    self.wandb_run.log({"val_bpb": self.bpb}, step=step)
         metrics = {}
-        if bundle is not None and step % args.core_every == 0:
-            metrics["core"] = run_core(model, tokenizer, bundle, args, rt)
+        if self.bundle is not None and step % args.core_every == 0:
+            metrics["core"] = run_core(self.model, self.tokenizer, self.bundle, args, rt)
         if args.sample_every and step % args.sample_every == 0 and rt.master:
-            print_samples(model, tokenizer, args.seq_len, rt)
+            print_samples(self.model, self.tokenizer, args.seq_len, rt)
         if metrics and rt.master:
             log(f"step {step}: CORE {metrics['core']:.4f}")
-            if wandb_run:
-                wandb_run.log(metrics, step=step)
+            if self.wandb_run:
+                self.wandb_run.log(metrics, step=step)
 
-    history: list[tuple[int, float]] = []
-    log_path = base / "logs" / f"pretrain-{tag}.jsonl"
-    if rt.master:
-        train_loop.keep_log_until(log_path, start_step)
-    bpb = None
-    bar = None
-    if rt.master and sys.stdout.isatty():  # a progress bar at a terminal, log lines elsewhere
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-    started = time.monotonic()
-    step_times: list[float] = []
-    step = start_step
-    while step < num_steps:
-        if args.eval_every and step % args.eval_every == 0 and step > start_step:
-            bpb = val_bpb()
-            if rt.master:
-                log(f"step {step}: val bpb {bpb:.4f}")
-                if wandb_run:
-                    wandb_run.log({"val_bpb": bpb}, step=step)
-        if step > start_step:
-            periodic(step)
-        t0 = time.monotonic()
-        lrm = optim.lr_multiplier(step, num_steps)
-        train_loop.set_schedule(optimizer, step, lrm)
-        loss_value = train_loop.train_step(forward, model, optimizer, loader, accum, rt)
-        step += 1
-        history.append((step, loss_value))
-        dt = time.monotonic() - t0
-        step_times.append(dt)
-        if rt.master:
-            train_loop.append_step(log_path, step, loss_value, lrm, dt)
-            tokens_per_s = total_batch / dt
-            mfu = (
-                f"{100 * flops_per_token * tokens_per_s / (peak * rt.world_size):.1f}%"
-                if peak
-                else "n/a"
-            )
-            recent = sum(step_times[-20:]) / len(step_times[-20:])
-            eta = recent * (num_steps - step)
-            line = (
-                f"loss {loss_value:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | "
-                f"{tokens_per_s:,.0f} tok/s | mfu {mfu} | eta {eta / 60:.1f} min"
-            )
-            if bar is not None:
-                bar.set_postfix_str(line, refresh=False)
-                bar.update(1)
-            else:
-                print(f"step {step:05d}/{num_steps} | {line}", flush=True)
-            if wandb_run:
-                wandb_run.log(
-                    {"loss": loss_value, "lrm": lrm, "tokens_per_s": tokens_per_s}, step=step
-                )
-        save_now = partial(
-            save, ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb
+    def train_step(self, step: int) -> StepResult:
+        loss = train_step(
+            self.forward, self.model, self.optimizer, self.loader, self.dial.accumulation, self.rt
         )
-        code = train_loop.end_of_step(step, num_steps, args, stop, rt, save_now)
-        if code is not None:
-            return code
-    if bar is not None:
-        bar.close()
-    bpb = val_bpb()
-    seconds = time.monotonic() - started
-    if rt.master:
-        log(f"done: val bpb {bpb:.4f} after {seconds / 60:.1f} min")
+        return StepResult(loss, metrics={"loss": loss})
+
+    def progress_extra(self, result, seconds: float) -> str:
+        tokens_per_s = self.total_batch / seconds
+        result.metrics["tokens_per_s"] = tokens_per_s
+        mfu = "n/a"
+        if self.peak:
+            used = self.flops_per_token * tokens_per_s / (self.peak * self.rt.world_size)
+            mfu = f"{100 * used:.1f}%"
+        return f"{tokens_per_s:,.0f} tok/s | mfu {mfu}"
+
+    def finish(self, step: int, record) -> None:
+        from nanochat.model import gpt
+        from nanochat.report import write_section
+
+        args, rt = self.args, self.rt
+        self.bpb = self.val_bpb()
+        seconds = record.seconds
+        if not rt.master:
+            return
+        log(f"done: val bpb {self.bpb:.4f} after {seconds / 60:.1f} min")
         write_section(
-            base,
+            self.base,
             "pretrain",
             "Base pretraining",
             {
                 "depth": args.depth,
-                "parameters": f"{gpt.num_params(model):,}",
-                "scaling parameters": f"{scaling:,}",
-                "steps": num_steps,
-                "tokens per step": total_batch,
-                "tokens": f"{num_steps * total_batch:,}",
+                "parameters": f"{gpt.num_params(self.model):,}",
+                "scaling parameters": f"{self.scaling:,}",
+                "steps": self.num_steps,
+                "tokens per step": self.total_batch,
+                "tokens": f"{self.num_steps * self.total_batch:,}",
                 "processes": rt.world_size,
                 "wall time (this run)": f"{seconds / 60:.1f} min",
-                "median step": f"{1000 * sorted(step_times)[len(step_times) // 2]:.0f} ms"
-                if step_times
-                else "n/a",
-                "final val bpb": f"{bpb:.4f}",
-                "first / last loss": f"{history[0][1]:.4f} / {history[-1][1]:.4f}"
-                if history
-                else "n/a",
+                "median step": record.median_step(),
+                "final val bpb": f"{self.bpb:.4f}",
+                "first / last loss": record.first_last_loss(),
             },
+            metrics={"val_bpb": self.bpb},
+            wall_seconds=seconds,
         )
-    return 0
-
-
-def wandb_logged_in() -> bool:
-    """WANDB_API_KEY set, ``wandb login``'s netrc entry present, or wandb told to work
-    without the server (WANDB_MODE=offline/disabled)."""
-    import netrc
-
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        return True
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    try:
-        path = os.environ.get("NETRC") or str(Path("~/.netrc").expanduser())
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def start_wandb(args, rt):
-    """A wandb run when --run names one (rank 0 only); None for --run=dummy. No wandb or no
-    wandb login is bad input, found before any work (wandb would fail later with a trace)."""
-    if args.run == "dummy":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError(
-            f"--run={args.run} logs to wandb, which is not installed: "
-            "pip install wandb (and set WANDB_API_KEY), or use RUN=dummy"
-        ) from None
-    if not wandb_logged_in():
-        raise UsageError(
-            f"--run={args.run} logs to wandb but no WANDB_API_KEY is set (environment or "
-            ".env) and wandb is not logged in: set it, or use RUN=dummy"
-        )
-    return wandb.init(project="nanochat", name=args.run) if rt.master else None
 
 
 def use_fp8(model) -> None:
@@ -344,12 +280,12 @@ def use_fp8(model) -> None:
 def core_bundle(args, base: Path, rt):
     """The CORE bundle, ready before training starts (a missing one is bad input)."""
     from nanochat import runtime
-    from nanochat.evaluation import eval_bundle
+    from nanochat.evaluation import bundle_fetch, eval_bundle
 
     error = None
     if rt.master:
         try:
-            eval_bundle.ensure(base, args.core_bundle)
+            bundle_fetch.ensure(base, args.core_bundle)
         except eval_bundle.BundleError as exc:
             error = str(exc)
     if runtime.all_agree(error is not None, rt):
@@ -373,7 +309,7 @@ def run_core(model, tokenizer, bundle, args, rt) -> float:
 
 
 def print_samples(model, tokenizer, context: int, rt) -> None:
-    from scripts.base_eval import SAMPLE_PROMPTS, greedy_completion
+    from nanochat.evaluation.samples import SAMPLE_PROMPTS, greedy_completion
 
     model.eval()
     with rt.autocast():
@@ -428,69 +364,6 @@ def check_memory(args, vocab_size: int, rt) -> None:
             f"{human_bytes(have) if have else 'less'} {where}: choose a smaller DEPTH "
             "(or --device-batch)"
         )
-
-
-def save(ckpt_dir, step, run_config, config, model, optimizer, loader, rt, bpb) -> None:
-    import dataclasses
-
-    import torch
-    import torch.distributed as dist
-
-    from nanochat.training import checkpoint
-
-    rank_state = {
-        "optimizer": optimizer.state_dict(),
-        "loader": loader.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
-            "python": random.getstate(),
-        },
-    }
-    meta = {
-        "model_config": dataclasses.asdict(config),
-        "run_config": run_config,
-        "val_bpb": bpb,
-    }
-    checkpoint.save(
-        ckpt_dir,
-        step,
-        model.state_dict() if rt.master else None,
-        rank_state,
-        meta,
-        rank=rt.rank,
-        world_size=rt.world_size,
-        barrier=dist.barrier if rt.distributed else (lambda: None),
-        agree=rt.agree,
-    )
-    if rt.master:
-        log(f"checkpoint step {step} -> {ckpt_dir}")
-
-
-def resume(found, run_config, model, optimizer, loader, rt) -> int:
-    import torch
-
-    from nanochat.training import checkpoint
-
-    saved = found.meta.get("run_config", {})
-    differs = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
-    if differs:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differs.items())
-        raise UsageError(
-            f"the checkpoint in {found.directory} was made with other settings ({what}); "
-            "use the same settings, another --tag, or --resume=never to start over"
-        )
-    model.load_state_dict(checkpoint.load_model_state(found, rt.device))
-    state = checkpoint.load_rank_state(found, rt.rank, rt.device)
-    optimizer.load_state_dict(state["optimizer"])
-    loader.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if state["rng"]["cuda"] is not None and rt.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), rt.device)
-    random.setstate(state["rng"]["python"])
-    if rt.master:
-        log(f"resuming from step {found.step} ({found.directory})")
-    return found.step
 
 
 if __name__ == "__main__":

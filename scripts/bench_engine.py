@@ -7,16 +7,17 @@
 It loads a checkpoint through the engine (nanochat/inference/engine.py: KV cache, one prefill shared
 by the sample rows), generates from a fixed prompt with sampling at temperature 1 and no
 stop token honoured by the timing (rows that finish early count the tokens they made), and
-with --record appends a row to docs/benchmarks.md naming the machine.
+with --record appends a row to docs/benchmarks.md naming the machine. Not a stage: a tool
+beside chat/serve, the end of the pipeline (... -> SFT -> RL -> chat/serve).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import date
 
-from nanochat.common import CliParser, base_dir, positive_int
+from nanochat.bench import machine, record
+from nanochat.common import CliParser, base_dir, positive_int, run_main
 
 SECTION = "## Stage 8: inference (scripts.bench_engine)"
 HEADER = (
@@ -60,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from nanochat import runtime
     from nanochat.inference.engine import Engine, load_chat_model
-    from scripts.bench_train import machine, record
 
     rt = runtime.start()
     model, tokenizer, meta = load_chat_model(base_dir(), args.source, rt.device, tag=args.tag)
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

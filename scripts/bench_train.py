@@ -8,20 +8,19 @@ It builds the model and optimizer of scripts.base_train (same code paths: bf16 a
 torch.compile on CUDA, fp32 on CPU), feeds random tokens (no data needed), runs a few
 warm-up steps (compilation happens there), times the rest and, with --record, appends a row
 to docs/benchmarks.md naming the machine. Speed targets live there, never in tests.
+Not a stage: a tool beside pretrain (data -> tokenizer -> pretrain -> ...), whose measured
+throughput backs the pretrain cost estimate (backends/pricing.py).
 """
 
 from __future__ import annotations
 
-import platform
-import sys
 import time
 from datetime import date
-from pathlib import Path
 
-from nanochat.common import CliParser, atomic_write_text, positive_int
+from nanochat.bench import BENCHMARKS, machine, record
+from nanochat.common import CliParser, positive_int, run_main
+from nanochat.model.dial import DEFAULT_VOCAB, SEQ_LEN
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## Stage 3: pretraining step (scripts.bench_train)"
 HEADER = (
     "| date | machine | torch | depth | seq | device batch | dtype | compile | ms/step | "
@@ -32,46 +31,14 @@ HEADER = (
 def build_parser() -> CliParser:
     p = CliParser(prog="python -m scripts.bench_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=positive_int, default=12)
-    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--seq-len", type=positive_int, default=SEQ_LEN)
     p.add_argument("--device-batch", type=positive_int, default=32)
-    p.add_argument("--vocab-size", type=positive_int, default=32768)
+    p.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB)
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps (compile)")
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--record", action="store_true", help="append the row to docs/benchmarks.md")
     return p
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"1x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{torch.get_num_threads()} threads of {cpu}"
-
-
-def record(row: str, section: str = SECTION, header: str = HEADER) -> None:
-    """Append a table row under ``section`` of docs/benchmarks.md (created when missing)."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if section not in text:
-        text = text.rstrip() + f"\n\n{section}\n\n{header}\n"
-    lines = text.splitlines()
-    at = lines.index(section)
-    end = at + 1
-    while end < len(lines) and not lines[end].startswith("## "):
-        end += 1
-    while end > at and not lines[end - 1].strip():
-        end -= 1
-    lines.insert(end, row)
-    atomic_write_text(BENCHMARKS, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         f"peak memory {memory}"
     )
     if args.record:
-        record(row)
+        record(row, SECTION, HEADER)
         print(f"recorded in {BENCHMARKS}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

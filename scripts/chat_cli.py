@@ -38,6 +38,7 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
+from nanochat.inference.prompt_fit import PromptTooLong, fit_conversation
 
 SOURCE_CHOICES = ("base", "mid", "sft", "rl", "auto")
 DEFAULT_TEMPERATURE = 0.6
@@ -121,28 +122,22 @@ class Chat:
 
     # --- prompt --------------------------------------------------------------------------
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        conversation = {"messages": [*messages, {"role": "assistant", "content": ""}]}
-        return self.tokenizer.render_for_completion(conversation)
-
     def fit(self, messages: list[dict]) -> tuple[list[dict], list[int]]:
         """Drop the oldest exchanges until the prompt leaves room for a reply.
 
         Room wanted: max_tokens, at most half the context. UsageError when even the last
         user message alone does not fit.
         """
-        context = self.engine.max_context
-        room = min(self.args.max_tokens, context // 2)
-        ids = self.prompt_ids(messages)
-        while len(ids) + room > context and len(messages) > 1:
-            messages = messages[2:]
-            ids = self.prompt_ids(messages)
-        if len(ids) >= context:
-            raise UsageError(
-                f"the message is {len(ids)} tokens with its markers; the model's context "
-                f"holds {context}"
+        try:
+            fitted = fit_conversation(
+                self.tokenizer, messages, self.engine.max_context, self.args.max_tokens
             )
-        return messages, ids
+        except PromptTooLong as exc:
+            raise UsageError(
+                f"the message is {exc.tokens} tokens with its markers; the model's context "
+                f"holds {exc.context}"
+            ) from None
+        return messages[fitted.dropped :], fitted.tokens
 
     # --- one reply -----------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Stage 6 (optional): reinforcement learning on GSM8K. ``python -m scripts.chat_rl``.
 
 Starts from the latest sft checkpoint (``--source`` mid|base for the others) and runs the
-simplified "GRPO" of DESIGN B.7, which is on-policy REINFORCE with a group-mean baseline:
+simplified "GRPO" of the recipe, which is on-policy REINFORCE with a group-mean baseline:
 
 - each step takes ``--prompts-per-step`` GSM8K training problems (a seeded shuffle, epochs by
   repetition) and the engine samples ``--samples`` replies to each (temperature 1, top-k 50,
@@ -24,8 +24,6 @@ and report/rl.md. Under torchrun each rank takes every world-th prompt of a step
 from __future__ import annotations
 
 import random
-import time
-from functools import partial
 from pathlib import Path
 
 from nanochat.common import (
@@ -39,6 +37,7 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
+from nanochat.training.train_loop import StepResult, Trainer, run
 
 SOURCES = ("sft", "mid", "base")
 
@@ -188,73 +187,90 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -> int:
-    import torch
+    trainer = GSM8KReinforce(args, rt, model, tokenizer, meta, train_task, test_task, base)
+    return run(trainer, args, base)
 
-    from nanochat.inference.engine import Engine
-    from nanochat.model import gpt
-    from nanochat.report import write_section
-    from nanochat.training import checkpoint, optim, train_loop
-    from scripts.base_train import resume, save, start_wandb
 
-    wandb_run = start_wandb(args, rt)  # a missing wandb is bad input: before any work
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    model = model.to(rt.device)
-    config = model.config
-    engine = Engine(model, tokenizer)
-    order = PromptOrder(len(train_task), args.seed)
-    num_steps = args.num_steps or max(1, len(train_task) // args.prompts_per_step)
-    reply_tokens = args.prompts_per_step * args.samples * args.max_new_tokens
-    optimizer = optim.build_optimizer(gpt.param_groups(model), config.n_embd, reply_tokens)
-    for group in optimizer.param_groups:
-        group["initial_lr"] *= args.lr_scale * args.init_lr_frac
-        group["lr"] = group["initial_lr"]
-    tag = args.tag or meta["tag"]
-    ckpt_dir = checkpoint.checkpoint_dir(base, "rl", tag)
-    run_config = {
-        "init_from": f"{meta['directory']} step {meta['step']}",
-        "tasks": args.tasks,
-        "num_steps": num_steps,
-        "prompts_per_step": args.prompts_per_step,
-        "samples": args.samples,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "world_size": rt.world_size,
-        "lr_scale": args.lr_scale,
-        "init_lr_frac": args.init_lr_frac,
-        "seed": args.seed,
-    }
-    start_step = 0
-    found = checkpoint.start_point(ckpt_dir, args.resume, rt.master, rt.barrier, rt.agree)
-    if found:
-        start_step = resume(found, run_config, model, optimizer, order, rt)
-    stop = train_loop.Stop()
-    sample = dict(temperature=args.temperature, top_k=args.top_k or None)
-    if rt.master:
-        log(
-            f"rl from {run_config['init_from']}: {len(train_task):,} GSM8K problems, {num_steps} "
-            f"steps of {args.prompts_per_step} prompts x {args.samples} samples, "
-            f"{rt.world_size} process(es) on {rt.device.type}, from step {start_step}"
+class GSM8KReinforce(Trainer):
+    """RL's own parts of the one loop (nanochat/training/train_loop.py): rollouts scored by
+    GSM8K's reward, the REINFORCE step, pass@k evals, the prompt order as the data position."""
+
+    name = "rl"
+    eta_window = 10
+
+    def __init__(self, args, rt, model, tokenizer, meta, train_task, test_task, base: Path):
+        from nanochat.inference.engine import Engine
+        from nanochat.model import gpt
+        from nanochat.training import checkpoint, optim, run_state
+
+        self.args, self.rt, self.tokenizer, self.base = args, rt, tokenizer, base
+        self.train_task, self.test_task = train_task, test_task
+        # a missing wandb is bad input: before any work
+        self.wandb_run = run_state.start_wandb(args.run, rt)
+        run_state.seed(args.seed)
+        self.model = model.to(rt.device)
+        self.config = model.config
+        self.engine = Engine(model, tokenizer)
+        self.order = PromptOrder(len(train_task), args.seed)
+        self.num_steps = args.num_steps or max(1, len(train_task) // args.prompts_per_step)
+        reply_tokens = args.prompts_per_step * args.samples * args.max_new_tokens
+        self.optimizer = optim.build_optimizer(
+            gpt.param_groups(model), self.config.n_embd, reply_tokens
         )
+        run_state.scale_lrs(self.optimizer, args.lr_scale * args.init_lr_frac)
+        self.tag = args.tag or meta["tag"]
+        self.ckpt_dir = checkpoint.checkpoint_dir(base, "rl", self.tag)
+        self.run_config = {
+            "init_from": f"{meta['directory']} step {meta['step']}",
+            "tasks": args.tasks,
+            "num_steps": self.num_steps,
+            "prompts_per_step": args.prompts_per_step,
+            "samples": args.samples,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "world_size": rt.world_size,
+            "lr_scale": args.lr_scale,
+            "init_lr_frac": args.init_lr_frac,
+            "seed": args.seed,
+        }
+        self.position = self.order
+        self.start_or_resume(args.resume)
+        self.sample = dict(temperature=args.temperature, top_k=args.top_k or None)
+        if rt.master:
+            log(
+                f"rl from {self.run_config['init_from']}: {len(train_task):,} GSM8K problems, "
+                f"{self.num_steps} steps of {args.prompts_per_step} prompts x {args.samples} "
+                f"samples, {rt.world_size} process(es) on {rt.device.type}, "
+                f"from step {self.start_step}"
+            )
+        self.results = (
+            self.evaluate(self.start_step) if args.eval_every and not self.start_step else {}
+        )
+        self.first_results = dict(self.results)
+        self.model.train()
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """pass@1 and pass@k on the test problems (the same ones and seeds every time)."""
-        model.eval()
+        import torch
+
+        args, rt, tokenizer, test_task = self.args, self.rt, self.tokenizer, self.test_task
+        self.model.eval()
         outcomes = []
         for i in range(rt.rank, min(args.eval_problems, len(test_task)), rt.world_size):
             conversation = test_task[i]
             prompt = tokenizer.render_for_completion(conversation)
-            if len(prompt) + 1 >= engine.max_context:
+            if len(prompt) + 1 >= self.engine.max_context:
                 outcomes.append([False] * args.samples)
                 continue
-            replies, _ = engine.generate_batch(
-                prompt, args.samples, max_tokens=args.max_new_tokens, seed=10_000 + i, **sample
-            )
+            replies, _ = self.engine.generate_batch(
+                prompt, args.samples, max_tokens=args.max_new_tokens, seed=10_000 + i,
+                **self.sample,
+            )  # fmt: skip
             outcomes.append(
                 [test_task.evaluate(conversation, tokenizer.decode(r)) for r in replies]
             )
-        model.train()
+        self.model.train()
         counts = torch.tensor(
             [pass_at_k(outcomes, 1), pass_at_k(outcomes, args.samples), len(outcomes)],
             dtype=torch.float64,
@@ -271,56 +287,65 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
             log(f"step {step}: GSM8K {shown} over {int(total)} test problems")
         return result
 
-    def rollouts(step: int):
+    def rollouts(self, step: int):
         """This rank's rows for the step, each with its advantage; and the rewards."""
-        model.eval()
+        import torch
+
+        args, rt, tokenizer, task = self.args, self.rt, self.tokenizer, self.train_task
+        self.model.eval()
         rows, advantages, rewards = [], [], []
         first = step * args.prompts_per_step
         for i in range(rt.rank, args.prompts_per_step, rt.world_size):
             g = first + i
-            conversation = train_task[order.problem(g)]
+            conversation = task[self.order.problem(g)]
             prompt = tokenizer.render_for_completion(conversation)
-            room = engine.max_context - len(prompt)
+            room = self.engine.max_context - len(prompt)
             if room < 2:
                 continue  # a prompt longer than the context: nothing to sample
-            replies, masks = engine.generate_batch(
+            replies, masks = self.engine.generate_batch(
                 prompt,
                 args.samples,
                 keep_stop=True,
                 max_tokens=min(args.max_new_tokens, room),
                 seed=args.seed * 1_000_003 + g,
-                **sample,
+                **self.sample,
             )
             group = torch.tensor(
-                [[train_task.reward(conversation, tokenizer.decode(r)) for r in replies]]
+                [[task.reward(conversation, tokenizer.decode(r)) for r in replies]]
             )
             rewards += group[0].tolist()
             rows += rows_for(prompt, replies, masks, tokenizer.bos_id)
             advantages += group_advantages(group)[0].tolist()
-        order.position = first + args.prompts_per_step
-        model.train()
+        self.order.position = first + args.prompts_per_step
+        self.model.train()
         return rows, advantages, rewards
 
-    def learn(rows, advantages) -> float:
+    def learn(self, rows, advantages) -> float:
         """One optimizer step over this rank's rows; rows with zero advantage are skipped
         (they add nothing) but their tokens still count in the normalisation."""
+        import torch
+
+        rt = self.rt
         token_count = max(1, sum(sum(t >= 0 for t in targets) for _, targets in rows))
         useful = [(row, a) for row, a in zip(rows, advantages, strict=True) if a != 0.0]
         total = 0.0
-        for start in range(0, len(useful), args.device_batch):
-            chunk = useful[start : start + args.device_batch]
-            inputs, targets = pad_rows([row for row, _ in chunk], tokenizer.bos_id, rt.device)
+        for start in range(0, len(useful), self.args.device_batch):
+            chunk = useful[start : start + self.args.device_batch]
+            inputs, targets = pad_rows([row for row, _ in chunk], self.tokenizer.bos_id, rt.device)
             adv = torch.tensor([a for _, a in chunk], dtype=torch.float32, device=rt.device)
             with rt.autocast():
-                nll = model(inputs, targets, loss_reduction="none")
+                nll = self.model(inputs, targets, loss_reduction="none")
             loss = policy_loss(nll.float(), (targets >= 0).float(), adv, token_count)
             loss.backward()
             total += loss.item()
-        optimizer.step()  # also with no useful rows here: ranks step together
-        model.zero_grad(set_to_none=True)
+        self.optimizer.step()  # also with no useful rows here: ranks step together
+        self.model.zero_grad(set_to_none=True)
         return total
 
-    def mean_over_ranks(values: list[float]) -> float:
+    def mean_over_ranks(self, values: list[float]) -> float:
+        import torch
+
+        rt = self.rt
         pair = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=rt.device)
         if rt.distributed:
             import torch.distributed as dist
@@ -328,75 +353,63 @@ def train(args, rt, model, tokenizer, meta, train_task, test_task, base: Path) -
             dist.all_reduce(pair)
         return (pair[0] / pair[1].clamp(min=1)).item()
 
-    log_path = base / "logs" / f"rl-{tag}.jsonl"
-    if rt.master:
-        train_loop.keep_log_until(log_path, start_step)
-    started = time.monotonic()
-    results = evaluate(start_step) if args.eval_every and start_step == 0 else {}
-    first_results = dict(results)
-    reward_history: list[float] = []
-    step_times: list[float] = []
-    step = start_step
-    model.train()
-    while step < num_steps:
-        t0 = time.monotonic()
-        lrm = optim.lr_multiplier(step, num_steps, warmup_steps=0, warmdown_frac=1.0, final_frac=0)
-        train_loop.set_schedule(optimizer, step, lrm)
-        rows, advantages, rewards = rollouts(step)
-        loss = mean_over_ranks([learn(rows, advantages)])  # what the averaged gradient minimises
-        mean_reward = mean_over_ranks(rewards)
-        step += 1
-        reward_history.append(mean_reward)
-        dt = time.monotonic() - t0
-        step_times.append(dt)
-        if rt.master:
-            train_loop.append_step(log_path, step, loss, lrm, dt, reward=mean_reward)
-            if wandb_run:
-                wandb_run.log({"reward": mean_reward, "loss": loss, "lrm": lrm}, step=step)
-            recent = sum(step_times[-10:]) / len(step_times[-10:])
-            print(
-                f"step {step:05d}/{num_steps} | reward {mean_reward:.3f} | loss {loss:+.5f} | "
-                f"lrm {lrm:.3f} | {dt:.1f} s | epoch {order.epoch} | "
-                f"eta {recent * (num_steps - step) / 60:.1f} min",
-                flush=True,
-            )
-        if args.eval_every and step % args.eval_every == 0 and step < num_steps:
-            results = evaluate(step)
-        save_now = partial(
-            save, ckpt_dir, step, run_config, config, model, optimizer, order, rt, None
+    def lr_multiplier(self, step: int) -> float:
+        from nanochat.training import optim
+
+        return optim.lr_multiplier(
+            step, self.num_steps, warmup_steps=0, warmdown_frac=1.0, final_frac=0
         )
-        code = train_loop.end_of_step(step, num_steps, args, stop, rt, save_now)
-        if code is not None:
-            return code
-    results = evaluate(step)
-    seconds = time.monotonic() - started
-    if rt.master:
+
+    def train_step(self, step: int) -> StepResult:
+        rows, advantages, rewards = self.rollouts(step)
+        # the loss the averaged gradient minimises
+        loss = self.mean_over_ranks([self.learn(rows, advantages)])
+        reward = self.mean_over_ranks(rewards)
+        return StepResult(loss, logged={"reward": reward}, metrics={"reward": reward, "loss": loss})
+
+    def progress(self, result: StepResult, lrm: float, seconds: float) -> str:
+        return (
+            f"reward {result.logged['reward']:.3f} | loss {result.loss:+.5f} | lrm {lrm:.3f} | "
+            f"{seconds:.1f} s | epoch {self.order.epoch}"
+        )
+
+    def after_step(self, step: int) -> None:
+        if self.args.eval_every and step % self.args.eval_every == 0 and step < self.num_steps:
+            self.results = self.evaluate(step)
+
+    def finish(self, step: int, record) -> None:
+        from nanochat.report import write_section
+
+        args = self.args
+        results = self.evaluate(step)
+        seconds = record.seconds
+        if not self.rt.master:
+            return
         shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
         log(f"done: GSM8K {shown} after {seconds / 60:.1f} min")
-        before = ", ".join(f"{k} {v:.4f}" for k, v in first_results.items()) or "not measured"
+        before = ", ".join(f"{k} {v:.4f}" for k, v in self.first_results.items())
+        rewards = [r.logged["reward"] for r in record.results]
         write_section(
-            base,
+            self.base,
             "rl",
             "RL (GSM8K)",
             {
-                "from": run_config["init_from"],
-                "tasks": f"{args.tasks}: {len(train_task):,} train, "
-                f"{min(args.eval_problems, len(test_task))} test problems evaluated",
-                "steps": f"{num_steps} x {args.prompts_per_step} prompts x {args.samples} samples",
-                "processes": rt.world_size,
+                "from": self.run_config["init_from"],
+                "tasks": f"{args.tasks}: {len(self.train_task):,} train, "
+                f"{min(args.eval_problems, len(self.test_task))} test problems evaluated",
+                "steps": f"{self.num_steps} x {args.prompts_per_step} prompts x "
+                f"{args.samples} samples",
+                "processes": self.rt.world_size,
                 "wall time (this run)": f"{seconds / 60:.1f} min",
-                "GSM8K before": before,
+                "GSM8K before": before or "not measured",
                 "GSM8K after": shown,
                 "mean reward first / last step": (
-                    f"{reward_history[0]:.3f} / {reward_history[-1]:.3f}"
-                    if reward_history
-                    else "n/a"
+                    f"{rewards[0]:.3f} / {rewards[-1]:.3f}" if rewards else "n/a"
                 ),
             },
-            metrics={**results, **({"mean_reward": reward_history[-1]} if reward_history else {})},
+            metrics={**results, **({"mean_reward": rewards[-1]} if rewards else {})},
             wall_seconds=seconds,
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage 5: supervised finetuning. ``python -m scripts.chat_sft`` (after ``make midtrain``).
 
 Starts from the latest mid checkpoint (``--source=base`` skips midtraining) and trains on
-DESIGN B.7's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk, identity and spelling
+the recipe's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk, identity and spelling
 conversations), one conversation per row, rows padded to the batch's longest, the loss only on
 assistant tokens (mask 1). About one epoch by default; the LR (base LRs x ``--lr-scale`` x
 ``--init-lr-frac``) decays linearly to 0 over the run. A fresh run warm-starts from the source
@@ -10,7 +10,7 @@ checkpoint's optimizer moments when they fit (``--warm-start``, see scripts.mid_
 Every ``--chatcore-every`` steps (0 = off) and at the end, besides the val loss and bpb (on
 assistant tokens): ChatCORE over a fixed subset -- the first ``--chatcore-problems`` of
 ARC-Easy, ARC-Challenge, MMLU and GSM8K from ``--tasks`` (GSM8K replies greedy, at most
-``--chatcore-max-tokens``), scored with scripts.chat_eval's functions, problems split over
+``--chatcore-max-tokens``), scored with nanochat.evaluation.chat_eval, problems split over
 ranks under torchrun -- logged as ``step N: ChatCORE x (ARC-Easy a, ...)``. The last one lands
 in report/sft.json as the fact "ChatCORE subset" and the metrics ``chatcore_subset`` and
 ``chatcore_subset/<task>`` (not the report card's SFT column, which comes from
@@ -30,15 +30,14 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
-from scripts.mid_train import Stage, common_arguments, run_stage, split_val
+from nanochat.training import chat_stage
 
 
 def build_parser() -> CliParser:
     p = CliParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n\n")[0])
-    common_arguments(p, eval_every=100, save_every=500)
+    chat_stage.add_arguments(p, eval_every=100, save_every=500)
     p.add_argument("--source", choices=("mid", "base"), default="mid", help="start from")
     p.add_argument("--source-tag", help="tag of the source checkpoint (default: most recent)")
-    p.add_argument("--seq-len", type=positive_int, default=2048, help="longest row (cropped)")
     p.add_argument(
         "--examples-per-step",
         type=positive_int,
@@ -71,7 +70,7 @@ CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K")
 
 class ChatCoreSubset:
     """SFT's periodic eval (``Stage.extra_eval``): ChatCORE over the first ``problems`` of
-    ARC-Easy, ARC-Challenge, MMLU and GSM8K, scored by scripts.chat_eval's functions (greedy
+    ARC-Easy, ARC-Challenge, MMLU and GSM8K, scored by nanochat.evaluation.chat_eval (greedy
     replies; problems split over ranks, counts summed)."""
 
     def __init__(self, loaded: dict, every: int, problems: int, max_new_tokens: int):
@@ -79,7 +78,7 @@ class ChatCoreSubset:
         self.problems, self.max_new_tokens = problems, max_new_tokens
 
     def __call__(self, model, tokenizer, rt) -> tuple[str, dict, dict]:
-        from scripts.chat_eval import chatcore, score_tasks
+        from nanochat.evaluation.chat_eval import chatcore, score_tasks
 
         scores = score_tasks(model, tokenizer, self.loaded, rt, 8, self.max_new_tokens, 0.0)
         core = chatcore(scores)
@@ -121,22 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (or --source base)" if args.source == "mid" else ""
         raise UsageError(f"{exc}{hint}") from None
     try:
-        train_task, val_task = split_val(sft_mixture(args.tasks))
+        train_task, val_task = chat_stage.split_val(sft_mixture(args.tasks))
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (or use --tasks=embedded)") from None
     extra = None
     if args.chatcore_every:
-        from scripts.chat_eval import load_tasks
+        from nanochat.evaluation.chat_eval import load_tasks
 
         loaded = load_tasks(list(CHATCORE_TASKS), args.tasks, args.chatcore_problems)
         extra = ChatCoreSubset(
             loaded, args.chatcore_every, args.chatcore_problems, args.chatcore_max_tokens
         )
-    stage = Stage(
+    stage = chat_stage.ChatStage(
         name="sft", title="SFT", kind="sft", packed=False, warmdown_frac=1.0,
         lr_frac=args.init_lr_frac, extra_eval=extra,
     )  # fmt: skip
-    return run_stage(args, stage, model, tokenizer, meta, train_task, val_task, base)
+    return chat_stage.run_stage(args, stage, model, tokenizer, meta, train_task, val_task, base)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ on the files read.
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 from nanochat.common import (
+    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
     atomic_path,
@@ -33,16 +33,14 @@ from nanochat.common import (
     log,
     run_main,
 )
+from nanochat.prices import GPU_PRICE
 
 PIPELINE = ("tokenizer", "tokenizer-eval", "pretrain", "base-eval", "midtrain", "sft", "rl")
-SOURCES = ("base", "mid", "sft", "rl")  # checkpoint kinds, in order: the table's columns
+SOURCES = CHECKPOINT_KINDS  # in pipeline order: the table's columns
 COLUMNS = ("BASE", "MID", "SFT", "RL")
 ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "GSM8K", "HumanEval", "MMLU", "ChatCORE")
 CHAT_EVAL = "chat-eval-"
 OUTPUT = "report.md"
-
-_NUMBER = re.compile(r"^\s*([-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)")
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 
 
 def build_parser() -> CliParser:
@@ -76,46 +74,19 @@ def load_record(report_dir: Path, stage: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def leading_number(value: object) -> tuple[float, str] | None:
-    """``0.1234 (embedded bundle)`` -> (0.1234, ""); ``12.5 min`` -> (12.5, "min")."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value), ""
-    match = _NUMBER.match(str(value))
-    if match is None:
-        return None
-    return float(match.group(1).replace(",", "")), match.group(2).lower()
-
-
 def metric(record: dict, name: str) -> float | None:
-    """A table number: ``metrics[name]``, else a fact of that name starting with a number."""
-    metrics = record.get("metrics") or {}
-    if isinstance(metrics.get(name), int | float):
-        return float(metrics[name])
-    found = leading_number((record.get("facts") or {}).get(name, ""))
-    return found[0] if found else None
+    """A table number: the section's ``metrics[name]`` (stages write their numbers as data)."""
+    value = (record.get("metrics") or {}).get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def wall_seconds(record: dict) -> float | None:
-    """``wall_seconds``, else a fact "wall time ...", "seconds" or "training time"."""
-    if isinstance(record.get("wall_seconds"), int | float):
-        return float(record["wall_seconds"])
-    for key, value in (record.get("facts") or {}).items():
-        name = key.lower()
-        if name.startswith("wall time") or name in ("seconds", "training time"):
-            found = leading_number(value)
-            if found and found[1] in _UNIT_SECONDS:
-                return found[0] * _UNIT_SECONDS[found[1]]
-    return None
+    value = record.get("wall_seconds")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def hourly_price(gpu: str) -> float | None:
     """USD per GPU-hour for a device name such as "NVIDIA H100 80GB HBM3" (rough)."""
-    try:
-        from backends.pricing import GPU_PRICE
-    except ImportError:
-        return None
     name = gpu.upper()
     for kind in sorted(GPU_PRICE, key=len, reverse=True):
         if kind.split("-")[0] in name and (kind.count("-") == 0 or kind.split("-")[1] in name):

@@ -8,7 +8,7 @@ Reads training shards only (the last shard is validation and stays unseen), crop
 document to ``--doc-cap`` characters so a few huge documents cannot dominate the pair
 counts, stops after ``--max-chars`` characters, trains with rustbpe, and saves
 ``BASE_DIR/tokenizer/`` (see nanochat/tokenizer.py) plus the report section ``tokenizer``.
-Upstream's recipe (DESIGN B.2): vocab 2^15, ~2B characters, documents capped at 10K chars.
+Upstream's recipe: vocab 2^15, ~2B characters, documents capped at 10K chars.
 A damaged shard (see nanochat/data/shards.py) stops it with one line naming the shard, exit 1.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
 from nanochat.data.shards import ShardError, check_sizes, data_dir, iter_texts, list_shards
+from nanochat.model.dial import DEFAULT_VOCAB
 from nanochat.report import write_section
 from nanochat.tokenizer import MIN_VOCAB_SIZE, tokenizer_dir, train_tokenizer
 
@@ -47,9 +48,9 @@ def build_parser() -> CliParser:
     group.add_argument(
         "--vocab-size",
         type=positive_int,
-        default=32768,
+        default=DEFAULT_VOCAB,
         help=f"tokens in the vocabulary, the 9 special tokens included; at least "
-        f"{MIN_VOCAB_SIZE} (default: 32768 = 2^15)",
+        f"{MIN_VOCAB_SIZE} (default: {DEFAULT_VOCAB} = 2^15)",
     )
     group.add_argument(
         "--doc-cap",
@@ -165,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         "training time": f"{seconds:.1f} s ({reader.read_seconds:.1f} s reading, "
         f"{seconds - reader.read_seconds:.1f} s counting and merging)",
     }
-    write_section(base, "tokenizer", "Tokenizer training", facts)
+    write_section(
+        base,
+        "tokenizer",
+        "Tokenizer training",
+        facts,
+        metrics={"vocab_size": tokenizer.vocab_size},
+        wall_seconds=seconds,
+    )
     for key, value in facts.items():
         print(f"{key}: {value}")
     print(f"saved: {out}")

@@ -48,18 +48,21 @@ def base_dir(tmp_path, monkeypatch):
 
 def write_corpus(base: Path, texts: list[str], vocab: int = 300) -> None:
     """Three parquet shards of ``texts`` as dataset "toy" and a tokenizer trained on them."""
+    from helpers.builders import tokenizer_for
+
     from nanochat.data import shards
-    from nanochat.tokenizer import train_tokenizer
 
     folder = shards.data_dir(base, "toy")
     for i, group in enumerate([texts[0::3], texts[1::3], texts[2::3]]):
         shards.write_shard(folder / shards.shard_name(i), group, row_group_size=8)
-    train_tokenizer(texts, vocab_size=vocab).save(base / "tokenizer")
+    tokenizer_for(texts, vocab, base)
 
 
 def toy_texts() -> list[str]:
+    from helpers.builders import word_texts
+
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    return [" ".join(words[(i + j) % len(words)] for j in range(5 + i % 40)) for i in range(240)]
+    return word_texts(words, 240, shortest=5, spread=40)
 
 
 @pytest.fixture
@@ -67,6 +70,37 @@ def toy(base_dir):
     """BASE_DIR with a toy corpus and tokenizer: what a small pretraining run needs."""
     write_corpus(base_dir, toy_texts())
     return base_dir
+
+
+@pytest.fixture(params=["bwrap", "guard"])
+def layer(request, monkeypatch):
+    """The code sandbox's layer under test, set through NANOCHAT_SANDBOX: every test that
+    takes it runs once under bubblewrap (skipped, with the reason, where it cannot run) and
+    once under the in-process guard."""
+    from nanochat.common import UsageError
+    from nanochat.inference import execution
+
+    monkeypatch.setenv("NANOCHAT_SANDBOX", request.param)
+    try:
+        active = execution.active_layer()
+    except UsageError as exc:
+        pytest.skip(f"the bubblewrap layer was not run: {exc}")
+    assert active.name == request.param
+    return active
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    """The main chat-web server of a module's ``servers`` fixture (helpers.chat_server)."""
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of ``server``: no retries, one minute per call."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:

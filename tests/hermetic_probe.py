@@ -1,4 +1,4 @@
-"""Run only by tests/test_hermetic.py, in a pytest of its own whose environment holds a
+"""Run only by tests/e2e/test_hermetic.py, in a pytest of its own whose environment holds a
 user's knob variables: a test that runs a stage through the front door with no knobs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batches of conversations for the chat stages (DESIGN B.7).
+"""Batches of conversations for the chat stages.
 
 - ``PackedConversations`` (midtraining): every conversation rendered with
   ``Tokenizer.render_conversation`` (it starts with BOS) and packed into rows of seq_len + 1

@@ -1,16 +1,17 @@
 """The pipeline's HTTP downloader: fetch files in parallel, verified, atomically, with retries.
 
-``Downloader(base_url, folder).run(indices, listing_url)`` GETs
-``<base_url>/shard_NNNNN.parquet`` for each index (stage 1, ``nanochat.data.dataset``);
-``run_jobs(jobs)`` fetches any list of ``Job(url, path, verify)`` (the chat task data,
-``scripts.task_data``), and ``get_json(url)`` reads a small JSON document (a file listing)
-under the same retry rules. Each body goes to a temp file while its sha256 is computed; it must
-match the size and sha256 the job expects (for shards: the hub's listing, when there is one),
-pass the job's ``verify`` (``shards.verify_shard`` decodes every row group) and only then is
-renamed into place. Transient failures (5xx, 408/429, dropped connections, short, invalid or
-mismatching bodies) are retried with jittered exponential backoff. Shards already present are
-checked against the folder's records (``shards.read_records``) and skipped when they match;
-damaged ones are fetched again. The caller holds the folder lock.
+``Downloader(base_url, folder).run(indices, listing_url)`` GETs ``<base_url>/shard_NNNNN.parquet``
+for each index (stage 1, ``nanochat.data.dataset``); ``run_jobs(jobs)`` fetches any list of
+``Job(url, path, verify)`` (the chat task data, ``scripts.task_data``), ``fetch_one(job)`` a single
+one in the caller's thread (the CORE eval bundle, ``nanochat.evaluation.bundle_fetch``), and
+``get_json(url)`` reads a small JSON document (a file listing) under the same retry rules. Each
+body goes to a temp file while its sha256 is computed; it must match the size and sha256 the job
+expects (for shards: the hub's listing, when there is one), pass the job's ``verify``
+(``shards.verify_shard`` decodes every row group) and only then is renamed into place. Transient
+failures (5xx, 408/429, dropped connections, short, invalid or mismatching bodies) are retried with
+jittered exponential backoff. Shards already present are checked against the folder's records
+(``shards.read_records``) and skipped when they match; damaged ones are fetched again. The caller
+holds the folder lock.
 """
 
 from __future__ import annotations
@@ -431,6 +432,17 @@ class Downloader:
             session.close()
 
 
+def fetch_one(job: Job, **options) -> tuple[tuple[int, str] | None, str | None]:
+    """One file, in this thread, under ``Downloader.fetch``'s rules (retries with backoff,
+    checks, atomic rename): ((bytes written, sha256), None), or (None, one-line reason).
+    ``options``: the Downloader's retries, retry_delay and timeout."""
+    downloader = Downloader(job.url, job.path.parent, workers=1, **options)
+    try:
+        return downloader.fetch(job)
+    finally:
+        downloader.close()
+
+
 def _check_status(response, url: str) -> None:
     """Raise _Retryable for 5xx/408/429, _Fatal for the other 4xx; return on success."""
     status = response.status_code
@@ -439,7 +451,9 @@ def _check_status(response, url: str) -> None:
     if status == 404:
         raise _Fatal(f"not found (HTTP 404): {url}")
     if status in (401, 403):
-        raise _Fatal(f"access denied (HTTP {status}; set HF_TOKEN?): {url}")
+        # The hub wants a token for gated data; S3 answers 403 for a missing file too.
+        hint = "; set HF_TOKEN?" if "huggingface.co" in url else ""
+        raise _Fatal(f"access denied (HTTP {status}{hint}): {url}")
     if status >= 400:
         raise _Fatal(f"HTTP {status}: {url}")
 

@@ -1,6 +1,6 @@
 """The on-disk format of pretraining text: parquet shards with one string column ``text``.
 
-``base_data/<dataset>/shard_NNNNN.parquet``, zstd, row groups of 1024 documents (DESIGN B.1).
+``base_data/<dataset>/shard_NNNNN.parquet``, zstd, row groups of 1024 documents.
 The highest-numbered shard of a folder is the validation split; all others are training.
 Stage 1 (``nanochat.data.dataset``) writes shards with this module; the tokenizer and the data
 loader read them with it.
@@ -20,9 +20,7 @@ The folder section is stage 1's guard for a folder being written: one writer at 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from nanochat.common import (
     atomic_path,
     atomic_write_text,
     file_sha256,
+    lock_folder,
     log,
     one_line,
     sweep_temp_files,
@@ -301,26 +300,18 @@ class FolderBusy(RuntimeError):
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive, non-blocking flock on ``<folder>/.lock``; FolderBusy if already held.
+    """Exclusive, non-blocking lock on ``<folder>/.lock`` (``common.lock_folder``); FolderBusy
+    if already held. Temp files a run killed hard left behind are swept once it is held."""
 
-    The lock file is never deleted: removing it would let two processes lock two different
-    inodes. The kernel drops the lock when the process dies, so it cannot go stale.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusy(
-                f"another nanochat.data.dataset run is writing {folder} (lock {lock_path} is held);"
-                " wait for it to finish"
-            ) from None
+    def busy(lock_path: Path) -> FolderBusy:
+        return FolderBusy(
+            f"another download run is writing {folder} (lock {lock_path} is held);"
+            " wait for it to finish"
+        )
+
+    with lock_folder(folder, busy):
         sweep_temp_files(folder)  # leftovers of a run killed hard (SIGKILL, power loss)
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def clear_shards(folder: Path) -> None:

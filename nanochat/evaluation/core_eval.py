@@ -1,4 +1,4 @@
-"""The CORE metric (DCLM; DESIGN B.6): in-context accuracy on a set of tasks, centered on chance.
+"""The CORE metric (DCLM): in-context accuracy on a set of tasks, centered on chance.
 
 Three task types, all scored from one forward pass of the model (no sampling):
 

@@ -1,4 +1,4 @@
-"""Bits per byte: the tokenizer-independent loss used to compare models (DESIGN B.5).
+"""Bits per byte: the tokenizer-independent loss used to compare models.
 
 bpb = sum of the per-token cross-entropies (nats) over target tokens that stand for at
 least one byte, divided by ln 2 times those tokens' total bytes. Special tokens (0 bytes)

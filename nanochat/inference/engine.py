@@ -2,7 +2,7 @@
 
 Every stage that generates text goes through here: the chat CLI (``scripts/chat_cli.py``) and
 the web server (``scripts/chat_web.py``) stream replies, the chat evals (GSM8K, HumanEval) and
-RL sample batches of answers. Facts from DESIGN B.8:
+RL sample batches of answers. Facts from the recipe (upstream nanochat):
 
 - ``load_chat_model`` finds the newest complete checkpoint of a stage (base, mid, sft or rl;
   "auto" = the most trained one available) and rebuilds the GPT from its meta.
@@ -45,76 +45,9 @@ if TYPE_CHECKING:
     from nanochat.model.gpt import GPT
     from nanochat.tokenizer import Tokenizer
 
-SOURCES = ("base", "mid", "sft", "rl")
-AUTO_ORDER = ("rl", "sft", "mid", "base")  # "auto" takes the most trained stage available
-MAKE_TARGET = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 
 # --- loading a checkpoint ------------------------------------------------------------------
-
-
-def _complete_tags(base: Path, source: str) -> list[tuple[float, Path]]:
-    """(mtime of the newest complete meta, folder) of each tag of a stage with a usable
-    checkpoint. Sizes are checked here; the hash only for the one that gets loaded."""
-    from nanochat.training import checkpoint
-
-    root = Path(base) / f"{source}_checkpoints"
-    if not root.is_dir():
-        return []
-    tags = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        found = checkpoint.latest(folder, check_hash=False)
-        if found is not None:
-            tags.append((checkpoint.meta_file(folder, found.step).stat().st_mtime, folder))
-    return tags
-
-
-def _has_tag(base: Path, source: str, tag: str | None) -> bool:
-    tags = _complete_tags(base, source)
-    return any(tag is None or folder.name == tag for _, folder in tags)
-
-
-def find_chat_checkpoint(
-    base: Path, source: str = "auto", tag: str | None = None, step: int | None = None
-):
-    """(source, checkpoint.Found) of the checkpoint to chat with; UsageError with the fix."""
-    from nanochat.training import checkpoint
-
-    base = Path(base)
-    if source not in (*SOURCES, "auto"):
-        raise UsageError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}, auto")
-    if source == "auto":
-        source = next((s for s in AUTO_ORDER if _has_tag(base, s, tag)), "")
-        if not source:
-            where = "" if tag is None else f" with tag {tag!r}"
-            raise UsageError(f"no model yet{where}: run `make pretrain` first")
-    root = base / f"{source}_checkpoints"
-    tags = _complete_tags(base, source)
-    fix = f"run `make {MAKE_TARGET[source]}` first"
-    if not tags:
-        others = [s for s in AUTO_ORDER if s != source and _has_tag(base, s, None)]
-        hint = f" (or -i {others[0]})" if others else ""
-        raise UsageError(f"no {source} checkpoint under {root}: {fix}{hint}")
-    if tag is None:
-        directory = max(tags)[1]
-    else:
-        directory = checkpoint.checkpoint_dir(base, source, tag)
-        if directory not in [folder for _, folder in tags]:
-            have = ", ".join(folder.name for _, folder in tags)
-            raise UsageError(f"no complete {source} checkpoint in {directory} (tags: {have})")
-    if step is None:
-        found = checkpoint.latest(directory)
-        if found is None:
-            raise UsageError(f"no usable checkpoint in {directory}: {fix} (or pick another --tag)")
-        return source, found
-    available = checkpoint.steps(directory)
-    if step not in available:
-        have = ", ".join(map(str, available)) or "none"
-        raise UsageError(f"no checkpoint of step {step} in {directory} (steps: {have})")
-    try:
-        return source, checkpoint.Found(directory, step, checkpoint.verify(directory, step))
-    except checkpoint.CheckpointError as exc:
-        raise UsageError(f"checkpoint step {step} in {directory} is not usable: {exc}") from None
 
 
 def load_chat_model(
@@ -126,43 +59,20 @@ def load_chat_model(
 ) -> tuple[GPT, Tokenizer, dict]:
     """``(model, tokenizer, meta)`` for chatting: the GPT in eval mode on ``device``.
 
-    ``source`` is base | mid | sft | rl | auto (the first of rl, sft, mid, base with a
-    checkpoint); ``tag`` defaults to the folder whose newest complete checkpoint is the most
-    recent, ``step`` to its latest complete step. ``meta`` is the checkpoint's meta plus
-    ``source``, ``tag`` and ``directory``. Every problem is a one-line UsageError saying
-    which stage to run first.
+    ``source`` is base | mid | sft | rl | auto, ``tag`` and ``step`` pick the checkpoint
+    (``nanochat.training.checkpoint.find``: by default the newest complete one). ``meta`` is
+    the checkpoint's meta plus ``source``, ``tag`` and ``directory``. Every problem is a
+    one-line UsageError saying which stage to run first.
     """
-    from nanochat.model.gpt import GPTConfig, build_model
     from nanochat.tokenizer import Tokenizer, tokenizer_dir
     from nanochat.training import checkpoint
 
-    source, found = find_chat_checkpoint(base, source, tag, step)
-    where = f"{found.directory} step {found.step}"
+    source, found = checkpoint.find(base, source, tag, step)
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(one_line(exc)) from None
-    model_config = found.meta.get("model_config")
-    if not isinstance(model_config, dict):
-        raise UsageError(f"the meta of {where} has no model_config")
-    try:
-        config = GPTConfig(**model_config)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"the model_config of {where} is not valid: {one_line(exc)}") from None
-    if config.vocab_size != tokenizer.vocab_size:
-        raise UsageError(
-            f"{where} has a vocabulary of {config.vocab_size}, the tokenizer "
-            f"{tokenizer.vocab_size}: was the tokenizer retrained after pretraining?"
-        )
-    model = build_model(config, device)
-    state = checkpoint.load_model_state(found, device)
-    # A model saved through torch.compile carries the wrapper's prefix.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UsageError(f"{where} does not fit its model_config: {one_line(exc)}") from None
-    model.eval()
+    model = checkpoint.load_model(found, device, tokenizer.vocab_size)
     meta = {
         **found.meta,
         "source": source,

@@ -2,7 +2,7 @@
 
 HumanEval (``nanochat.inference.answer_check``) runs the model's answer here with ``execute_code``
 and the task's tests in a separate checker process that calls it: only right values pass, since a
-program that wants to cheat can fake what ``success`` means here (see below). DESIGN B.8: separate
+program that wants to cheat can fake what ``success`` means here (see below). As upstream: separate
 process, temp working dir, scrubbed env, stdin closed, time and memory limits, destructive calls
 disabled. Two layers fence the child in:
 

@@ -1,5 +1,5 @@
 """The depth dial as plain arithmetic: from depth (and vocabulary, context, batch knobs) to
-width, parameter counts, total batch, gradient accumulation and horizon (DESIGN B.3/B.4).
+width, parameter counts, total batch, gradient accumulation and horizon.
 
 No torch here: ``make pretrain ... DRY_RUN=1`` prints these figures on a laptop that only
 launches, and ``scripts.base_train`` uses the same numbers to train (its tests check the
@@ -20,7 +20,8 @@ D12_DEPTH = 12
 D12_BATCH = 2**19  # tokens per step at d12
 BATCH_EXPONENT = 0.383  # total batch ~ data tokens ** 0.383 beyond d12
 DEFAULT_RATIO = 12.0  # data tokens per scaling parameter
-DEFAULT_VOCAB = 32768  # the tokenizer stage's default vocabulary
+DEFAULT_VOCAB = 32768  # the tokenizer stage's default vocabulary (2^15)
+SEQ_LEN = 2048  # the recipe's context length: pretraining's default; later stages inherit it
 
 
 def width(depth: int) -> int:
@@ -39,7 +40,7 @@ def scaling_params(depth: int, vocab_size: int, kv_heads: int | None = None) -> 
 
 def flops_per_token(depth: int, vocab_size: int, seq_len: int) -> int:
     """Training FLOPs per token of the plain model (full attention): 6 x the matmul
-    parameters + 12 x width x context per layer (DESIGN B.3; ``gpt.flops_per_token`` counts
+    parameters + 12 x width x context per layer (``gpt.flops_per_token`` counts
     the same on a built config, and the tests check that the two agree)."""
     return 6 * scaling_params(depth, vocab_size) + 12 * width(depth) * seq_len * depth
 

@@ -2,7 +2,7 @@
 
 Pretraining (``scripts/base_train.py``) builds it with ``build_model(config_for_depth(...))``,
 midtraining, SFT and RL continue from its checkpoints, and the inference engine samples from it
-through ``KVCache``. Facts from DESIGN B.3:
+through ``KVCache``. Facts from the recipe (upstream nanochat):
 
 - One size dial, the depth: width = 64 * depth rounded up to a multiple of 128, heads of
   dimension 128 (d12 = 768 wide with 6 heads, d20 = 1280, d24 = 1536, d26 = 1664).
@@ -36,13 +36,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.model.dial import HEAD_DIM, MLP_RATIO, SEQ_LEN
+from nanochat.model.dial import width as dial_width
+
 try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise.
     from flash_attn_interface import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
-ASPECT_RATIO = 64  # width per layer of depth, before rounding
-HEAD_DIM = 128  # the depth dial's head size; width is rounded up to a multiple of it
 ROTARY_BASE = 100_000
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x the training context, for inference
 QK_SCALE = 1.2  # q and k are multiplied by this after QK-norm
@@ -63,7 +64,7 @@ class GPTConfig:
     n_embd: int
     n_head: int
     n_kv_head: int
-    sequence_len: int = 2048
+    sequence_len: int = SEQ_LEN
     window_pattern: str = "L"  # "L" = full attention in every layer
     residual_scalars: bool = False
     value_embeds: bool = False
@@ -93,26 +94,22 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-def width_for_depth(depth: int) -> int:
-    """64 * depth rounded up to a multiple of the head dimension (128)."""
-    return -(-ASPECT_RATIO * depth // HEAD_DIM) * HEAD_DIM
-
-
 def config_for_depth(
     depth: int,
     vocab_size: int,
-    sequence_len: int = 2048,
+    sequence_len: int = SEQ_LEN,
     n_kv_head: int | None = None,
     **extras,
 ) -> GPTConfig:
-    """The depth dial: depth layers, width 64*depth rounded up to 128, heads of 128.
+    """The depth dial (``nanochat.model.dial``, the one place its numbers live): depth
+    layers, width 64*depth rounded up to 128, heads of 128.
 
     ``n_kv_head`` defaults to the number of query heads (plain multi-head attention);
     ``extras`` are GPTConfig's optional flags (window_pattern, residual_scalars, value_embeds).
     """
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
-    width = width_for_depth(depth)
+    width = dial_width(depth)
     n_head = width // HEAD_DIM
     return GPTConfig(
         vocab_size=vocab_size,
@@ -380,8 +377,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, MLP_RATIO * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(MLP_RATIO * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())

@@ -45,7 +45,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from nanochat.common import atomic_write_text, log
+from nanochat.common import atomic_write_text, lock_folder, log
 from nanochat.evaluation.eval_bundle import (
     CORE_YAML,
     DATA_DIR,
@@ -55,7 +55,6 @@ from nanochat.evaluation.eval_bundle import (
     bundle_dir,
     bundle_root,
     folder_complete,
-    locked,
     render_core_yaml,
     render_meta_csv,
     replace_folder,
@@ -360,7 +359,7 @@ def ensure_embedded_bundle(base: Path) -> Path:
     if folder_complete(folder) and _record_current(folder):
         return folder
     root = bundle_root(base)
-    with locked(root):
+    with lock_folder(root):
         if folder_complete(folder) and _record_current(folder):
             return folder
         sweep(root, "embedded")

@@ -1,6 +1,6 @@
 """The embedded corpus: English prose mined from the Python standard library's own source.
 
-The ``tiny`` preset must run offline, so stage 1 (``python -m nanochat.data.dataset --dataset
+The ``tiny`` preset must run offline, so stage 1 (``python -m scripts.download --dataset
 embedded``) builds its pretraining text from something every machine already has: the
 docstrings, long string literals (``pydoc_data/topics.py`` holds the language reference)
 and comment blocks of the stdlib's ``.py`` files. Files are parsed with ``ast``, never
@@ -32,7 +32,7 @@ CODING_COOKIE = re.compile(r"coding[:=]")  # PEP 263
 MIN_DOCSTRING_CHARS = 100  # shorter ones are mostly "Return x." one-liners
 MIN_BLOCK_CHARS = 200  # long string literals and comment blocks: shorter ones are noise
 MIN_PROSE_FRACTION = 0.7  # letters + whitespace share; drops code tables, keeps doctests
-MAX_DOC_CHARS = 10_000  # the tokenizer trainer caps documents at 10K chars (DESIGN B.2)
+MAX_DOC_CHARS = 10_000  # the tokenizer trainer caps documents at 10K chars
 VALIDATION_PERCENT = 5
 
 

@@ -1,5 +1,5 @@
 """Guards for a small HTTP server that other web pages must not drive: the pieces chat-web
-(``scripts/chat_web.py``) puts in front of its API, none of them tied to the model.
+(``nanochat/serve/app.py``) puts in front of its API, none of them tied to the model.
 
 - ``openai_error``: the error body every answer uses, ``{"error": {message, type, param,
   code}}`` (OpenAI's shape), so a client parses one shape whatever refused it.

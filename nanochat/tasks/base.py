@@ -7,7 +7,7 @@ Midtraining and SFT train on a ``Mixture`` of tasks (each conversation rendered 
 scores each item according to ``eval_type``:
 
 - ``"categorical"``: the last assistant message is one letter out of ``letters(i)``; the
-  evaluator restricts the logits at the answer position to those letters (DESIGN B.6).
+  evaluator restricts the logits at the answer position to those letters.
 - ``"generative"``: the model completes the prompt (``render_for_completion``) and
   ``evaluate(conversation, completion_text)`` says whether the completion is right.
 - ``None``: training data only.

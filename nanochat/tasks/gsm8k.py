@@ -1,7 +1,7 @@
 """GSM8K: grade-school math word problems, solved step by step with calculator calls.
 
 Midtraining and SFT train on it (the model learns to call the python tool for arithmetic), chat
-eval scores it generatively, and RL (DESIGN B.7) uses ``reward`` on it. A GSM8K solution marks
+eval scores it generatively, and RL uses ``reward`` on it. A GSM8K solution marks
 each calculation as ``<<48/2=24>>`` and ends with ``#### <answer>``; ``solution_parts`` turns
 each annotation into a python part (``48/2``) and its python_output part (``24``), which
 ``Tokenizer.render_conversation`` supervises and masks respectively.

@@ -1,7 +1,7 @@
 """Multiple-choice tasks (ARC-Easy, ARC-Challenge, MMLU) with one shared rendering.
 
 The user message is the question, one line per option ``- {choice}={letter}``, then "Respond
-only with the letter of the correct answer." (DESIGN B.6); the assistant answers with the letter
+only with the letter of the correct answer."; the assistant answers with the letter
 alone. Chat eval scores these categorically: the logits at the answer position are restricted to
 ``letters(i)`` (also stored in each conversation under ``"letters"``). Midtraining and SFT mix
 MMLU (and ARC) in so the model learns the format.

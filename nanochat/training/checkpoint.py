@@ -1,6 +1,6 @@
 """Checkpoints that survive a kill at any moment, and the resume that finds the good one.
 
-Layout (DESIGN A.4), one folder per run tag, e.g. ``base_checkpoints/d12/``:
+Layout, one folder per run tag, e.g. ``base_checkpoints/d12/``:
 
     model_000500.pt          model weights (rank 0 writes it)
     rank_000500_r0.pt        per rank: optimizer shard, data-loader position, RNG states
@@ -19,6 +19,8 @@ Damaged checkpoints newer than the one resumed are moved aside the same way
 (``.replaced/<tag>-damaged-<time>/``), so they can never outrank, or make the pruning
 delete, the run's good ones. ``save`` checks the free space first and keeps the newest
 ``KEEP_LAST`` complete checkpoints.
+``find`` picks the checkpoint a later stage starts from or an eval or chat loads (newest complete
+tag of a kind, or "auto": the most trained kind there is) and ``load_model`` rebuilds its GPT.
 Used by every training stage (pretrain, midtrain, SFT, RL) and by the evals that load models.
 """
 
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from nanochat.common import (
+    CHECKPOINT_KINDS,
     DiskFullError,
     UsageError,
     atomic_path,
@@ -42,6 +45,7 @@ from nanochat.common import (
     check_free_space,
     file_sha256,
     log,
+    one_line,
     sweep_temp_files,
 )
 from nanochat.training import run_lock
@@ -50,6 +54,9 @@ META = re.compile(r"^meta_(\d{6})\.json$")
 STEP_OF_FILE = re.compile(r"^(?:model|rank)_(\d{6})(?:_r\d+)?\.pt$")
 REPLACED = ".replaced"  # set-aside runs: a hidden folder, so neither resumed nor loaded
 KEEP_LAST = 2  # complete checkpoints kept per run (older ones are deleted after a save)
+KINDS = CHECKPOINT_KINDS  # base, mid, sft, rl
+AUTO_ORDER = tuple(reversed(KINDS))  # "auto" takes the most trained kind available
+MAKE_TARGET = {"base": "pretrain", "mid": "midtrain", "sft": "sft", "rl": "rl"}  # writes it
 
 
 class CheckpointError(RuntimeError):
@@ -58,7 +65,7 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(base: Path, kind: str, tag: str) -> Path:
     """``base/<kind>_checkpoints/<tag>``, e.g. base/base_checkpoints/d12."""
-    return Path(base) / f"{kind}_checkpoints" / tag
+    return kind_root(base, kind) / tag
 
 
 def model_file(directory: Path, step: int) -> Path:
@@ -336,3 +343,119 @@ def _prune(directory: Path, keep_last: int) -> None:
         found = STEP_OF_FILE.match(f.name)
         if found and int(found.group(1)) < good[-1]:
             f.unlink(missing_ok=True)
+
+
+# --- finding and loading the checkpoint a stage starts from ----------------------------------
+
+
+def kind_root(base: Path, kind: str) -> Path:
+    """``base/<kind>_checkpoints``: every tag of one kind."""
+    return Path(base) / f"{kind}_checkpoints"
+
+
+def _complete_tags(base: Path, kind: str) -> list[tuple[float, Path]]:
+    """(mtime of the newest complete meta, folder) of each tag of a kind with a usable
+    checkpoint. Sizes are checked here; the hash only for the one that gets loaded."""
+    root = kind_root(base, kind)
+    if not root.is_dir():
+        return []
+    tags = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        found = latest(folder, check_hash=False)
+        if found is not None:
+            tags.append((meta_file(folder, found.step).stat().st_mtime, folder))
+    return tags
+
+
+def _has_tag(base: Path, kind: str, tag: str | None) -> bool:
+    return any(tag is None or folder.name == tag for _, folder in _complete_tags(base, kind))
+
+
+def find(
+    base: Path, kind: str = "auto", tag: str | None = None, step: int | None = None
+) -> tuple[str, Found]:
+    """(kind, Found) of the checkpoint to load; UsageError naming the stage to run otherwise.
+
+    ``kind`` is base | mid | sft | rl | auto (the first of rl, sft, mid, base with a
+    checkpoint); ``tag`` defaults to the folder whose newest complete checkpoint is the most
+    recent, ``step`` to its latest complete step."""
+    base = Path(base)
+    if kind not in (*KINDS, "auto"):
+        raise UsageError(f"unknown source {kind!r}; choose one of: {', '.join(KINDS)}, auto")
+    if kind == "auto":
+        kind = next((k for k in AUTO_ORDER if _has_tag(base, k, tag)), "")
+        if not kind:
+            where = "" if tag is None else f" with tag {tag!r}"
+            raise UsageError(f"no model yet{where}: run `make pretrain` first")
+    root = kind_root(base, kind)
+    tags = _complete_tags(base, kind)
+    fix = f"run `make {MAKE_TARGET[kind]}` first"
+    if not tags:
+        others = [k for k in AUTO_ORDER if k != kind and _has_tag(base, k, None)]
+        hint = f" (or -i {others[0]})" if others else ""
+        raise UsageError(f"no {kind} checkpoint under {root}: {fix}{hint}")
+    if tag is None:
+        directory = max(tags)[1]
+    else:
+        directory = checkpoint_dir(base, kind, tag)
+        if directory not in [folder for _, folder in tags]:
+            have = ", ".join(folder.name for _, folder in tags)
+            raise UsageError(f"no complete {kind} checkpoint in {directory} (tags: {have})")
+    if step is None:
+        found = latest(directory)
+        if found is None:
+            raise UsageError(f"no usable checkpoint in {directory}: {fix} (or pick another --tag)")
+        return kind, found
+    available = steps(directory)
+    if step not in available:
+        have = ", ".join(map(str, available)) or "none"
+        raise UsageError(f"no checkpoint of step {step} in {directory} (steps: {have})")
+    try:
+        return kind, Found(directory, step, verify(directory, step))
+    except CheckpointError as exc:
+        raise UsageError(f"checkpoint step {step} in {directory} is not usable: {exc}") from None
+
+
+def inherited(name: str, given, saved: dict, default, say: bool):
+    """A setting from the command line (``given``), else from the run config of the checkpoint
+    a stage starts from (``saved``), else ``default``; ``say`` logs which and why."""
+    if given is not None:
+        if say and saved.get(name) not in (None, given):
+            log(f"overriding {name}: {saved[name]} (checkpoint) -> {given}")
+        return given
+    if name in saved:
+        if say:
+            log(f"inherited {name} {saved[name]} from the checkpoint")
+        return saved[name]
+    return default
+
+
+def load_model(found: Found, device, vocab_size: int | None = None):
+    """The GPT of a checkpoint, rebuilt from its meta, in eval mode on ``device``. A meta
+    that does not describe a model, or a vocabulary other than the tokenizer's
+    (``vocab_size``), is a one-line UsageError."""
+    from nanochat.model.gpt import GPTConfig, build_model
+
+    where = f"{found.directory} step {found.step}"
+    model_config = found.meta.get("model_config")
+    if not isinstance(model_config, dict):
+        raise UsageError(f"the meta of {where} has no model_config")
+    try:
+        config = GPTConfig(**model_config)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"the model_config of {where} is not valid: {one_line(exc)}") from None
+    if vocab_size is not None and config.vocab_size != vocab_size:
+        raise UsageError(
+            f"{where} has a vocabulary of {config.vocab_size}, the tokenizer "
+            f"{vocab_size}: was the tokenizer retrained after pretraining?"
+        )
+    model = build_model(config, device)
+    state = load_model_state(found, device)
+    # A model saved through torch.compile carries the wrapper's prefix.
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UsageError(f"{where} does not fit its model_config: {one_line(exc)}") from None
+    model.eval()
+    return model

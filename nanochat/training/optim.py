@@ -3,7 +3,7 @@
 Where it fits: ``scripts.base_train`` (and the later chat stages) split the model's parameters
 into four named groups -- ``matrices`` (every 2-D weight inside the transformer blocks),
 ``embedding``, ``head`` and ``scalars`` -- and call :func:`build_optimizer`, which returns one
-:class:`MuonAdamW` set up with the learning rates of DESIGN B.4. Every step the trainer sets
+:class:`MuonAdamW` set up with the learning rates of the recipe. Every step the trainer sets
 ``group['lr'] = group['initial_lr'] * lr_multiplier(step, total_steps)`` and, for the Muon
 group, ``group['momentum'] = muon_momentum(step)``; then it calls ``optimizer.step()``.
 
@@ -53,7 +53,7 @@ NORM_SAFETY = 1.02
 MUON, ADAMW = "muon", "adamw"
 GROUP_KINDS = {"matrices": MUON, "embedding": ADAMW, "head": ADAMW, "scalars": ADAMW}
 
-# DESIGN B.4: base learning rates at d12 (width 768) and a total batch of 2**19 tokens.
+# As upstream: base learning rates at d12 (width 768) and a total batch of 2**19 tokens.
 REFERENCE_WIDTH = 768
 REFERENCE_BATCH_TOKENS = 2**19
 MATRIX_LR, EMBEDDING_LR, HEAD_LR, SCALAR_LR = 0.02, 0.3, 0.008, 0.5
@@ -331,7 +331,7 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps:
 
 
 def base_lrs(width: int, total_batch_tokens: int) -> dict[str, float]:
-    """DESIGN B.4's base learning rates for a model width and a total batch (in tokens).
+    """The recipe's base learning rates for a model width and a total batch (in tokens).
 
     Adam LRs of embedding and head scale by (width/768)^-0.5; all LRs by sqrt(B / 2**19).
     """

@@ -1,0 +1,132 @@
+"""The pretraining loader: BOS-aligned best-fit rows, disjoint ranks, exact resume; and bpb."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import pytest
+import torch
+from helpers.builders import tokenizer_for
+
+from nanochat.data import shards
+from nanochat.data.dataloader import PackedLoader, row_groups
+from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
+
+WORDS = "the model reads packed rows of tokens and learns to predict what comes next".split()
+
+
+def documents(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 60))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    paths = []
+    for i in range(3):  # 3 shards x 4 row groups of 25 documents
+        path = folder / shards.shard_name(i)
+        shards.write_shard(path, documents(100, seed=i), row_group_size=25)
+        paths.append(path)
+    tok = tokenizer_for(documents(300, seed=99))
+    return paths, tok
+
+
+def test_rows_start_with_bos_and_shift_by_one(corpus):
+    paths, tok = corpus
+    loader = PackedLoader(paths, tok, batch_size=4, seq_len=32, buffer_docs=16)
+    bos = tok.special_id("<|bos|>")
+    for _ in range(5):
+        inputs, targets = loader.next_batch()
+        assert inputs.shape == targets.shape == (4, 32)
+        assert (inputs[:, 0] == bos).all()
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        assert int(inputs.min()) >= 0 and int(inputs.max()) < tok.vocab_size
+
+
+def test_best_fit_fills_rows_with_whole_documents_first(corpus):
+    paths, tok = corpus
+    whole = {tuple(ids) for ids in tok.encode(list(shards.iter_texts(paths)), prepend="<|bos|>")}
+    loader = PackedLoader(paths, tok, batch_size=1, seq_len=256, buffer_docs=32)
+    bos = tok.special_id("<|bos|>")
+    for _ in range(10):
+        row = loader.next_row()
+        assert len(row) == 257
+        starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+        assert starts[0] == 0 and len(starts) >= 3  # several documents per row
+        # Every document but the last is whole; only the last may be cropped to fit.
+        pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
+        assert all(piece in whole for piece in pieces[:-1])
+        assert any(doc[: len(pieces[-1])] == pieces[-1] for doc in whole)
+
+
+def test_ranks_read_disjoint_row_groups(corpus):
+    paths, tok = corpus
+    everything = row_groups(paths)
+    assert len(everything) == 12
+    mine = [PackedLoader(paths, tok, 2, 16, rank=r, world_size=3).my_groups for r in range(3)]
+    assert sorted(sum(mine, [])) == sorted(everything)
+    assert not set(mine[0]) & set(mine[1])
+
+
+def test_too_many_ranks_is_a_clear_error(corpus):
+    paths, tok = corpus
+    with pytest.raises(ValueError, match="12 row group\\(s\\) cannot feed 16 ranks"):
+        PackedLoader(paths, tok, 2, 16, rank=0, world_size=16)
+
+
+def test_resume_gives_exactly_the_uninterrupted_batches(corpus):
+    paths, tok = corpus
+    straight = PackedLoader(paths, tok, batch_size=3, seq_len=24, buffer_docs=20)
+    expected = [straight.next_batch() for _ in range(12)]
+
+    first = PackedLoader(paths, tok, batch_size=3, seq_len=24, buffer_docs=20)
+    for _ in range(5):
+        first.next_batch()
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)  # the checkpoint's way of storing it
+    saved.seek(0)
+    resumed = PackedLoader(paths, tok, batch_size=3, seq_len=24, buffer_docs=20)
+    resumed.load_state_dict(torch.load(saved))
+    for want in expected[5:]:
+        got = resumed.next_batch()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_state_of_another_rank_is_refused(corpus):
+    paths, tok = corpus
+    state = PackedLoader(paths, tok, 2, 16, rank=1, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="loader state is for rank 1 of 2"):
+        PackedLoader(paths, tok, 2, 16, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_epochs_wrap_around(corpus):
+    paths, tok = corpus
+    loader = PackedLoader(paths[:1], tok, batch_size=8, seq_len=64, buffer_docs=8)
+    for _ in range(40):  # 100 documents of ~30 tokens: a few epochs' worth
+        loader.next_batch()
+    assert loader.epoch >= 2
+
+
+class ConstantLoss(torch.nn.Module):
+    """Stands in for a model whose per-token loss is exactly ln 2 (one bit per token)."""
+
+    def forward(self, inputs, targets, loss_reduction="mean"):
+        assert loss_reduction == "none"
+        return torch.full(targets.shape, math.log(2))
+
+
+def test_bits_per_byte_counts_only_tokens_with_bytes(corpus):
+    paths, tok = corpus
+    per_token = token_bytes(tok)
+    assert per_token[tok.special_id("<|bos|>")] == 0
+    loader = PackedLoader(paths, tok, batch_size=2, seq_len=32)
+    targets = [loader.next_batch()[1] for _ in range(3)]
+    replay = iter([(t, t) for t in targets])
+    bpb = evaluate_bpb(ConstantLoss(), replay, steps=3, bytes_per_token=per_token)
+    flat = torch.cat([t.reshape(-1) for t in targets])
+    counted = int((per_token[flat] > 0).sum())
+    assert bpb == pytest.approx(counted / int(per_token[flat].sum()))
+    assert 0 < bpb < 1  # one bit per token, and tokens hold more than one byte on average
