@@ -11,9 +11,10 @@ Companion JSON keys (all optional except ``stage``, ``title``, ``timestamp``, ``
 - ``metrics``: numbers for the summary table, by row name: ``CORE``, ``ARC-Easy``,
   ``ARC-Challenge``, ``GSM8K``, ``HumanEval``, ``MMLU``, ``ChatCORE`` (floats in [0, 1]).
   ``base-eval`` gives ``CORE`` (BASE column); ``chat-eval-<source>`` gives the chat metrics for
-  the column of its source (base, mid, sft, rl). A fact named like a row, whose value starts
-  with a number, counts too (base-eval's ``CORE: 0.1234 (...)``).
-- ``wall_seconds``: the stage's wall time; ``gpus``: how many GPUs it held (0 = CPU).
+  the column of its source (base, mid, sft, rl). Stages add their own numbers (val_bpb, ...).
+  Facts are text for people: the report card reads numbers from ``metrics`` only.
+- ``wall_seconds``: the stage's wall time (the report card's total, GPU-hours and cost);
+  ``gpus``: how many GPUs it held (0 = CPU).
 - ``environment``: ``environment()`` below.
 """
 

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat.tokenizer import Tokenizer, tokenizer_dir
     from nanochat.training import checkpoint
 
-    _, found = checkpoint.find(base, "base", args.tag, args.step)
+    _, found = checkpoint.find(base, "base", args.tag, args.step, other_kinds_flag=None)
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
     except (FileNotFoundError, ValueError) as exc:
@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args, base: Path, found, tokenizer, rt) -> int:
     import torch
 
-    from nanochat import runtime
     from nanochat.data.shards import data_dir, split_shards
     from nanochat.evaluation import bundle_fetch, core_eval, eval_bundle
     from nanochat.report import write_section
@@ -196,14 +195,7 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
     say = rt.master
     meta = found.meta
     saved = meta.get("run_config", {})
-    model_config = meta.get("model_config")
-    if not isinstance(model_config, dict):
-        raise UsageError(f"{found.directory} meta of step {found.step} has no model_config")
-    if model_config.get("vocab_size") != tokenizer.vocab_size:
-        raise UsageError(
-            f"the checkpoint's vocabulary ({model_config.get('vocab_size')}) differs from the "
-            f"tokenizer's ({tokenizer.vocab_size}): was the tokenizer retrained after pretraining?"
-        )
+    checkpoint.model_config(found, tokenizer.vocab_size)  # before any heavy work
     dataset = checkpoint.inherited("dataset", args.dataset, saved, DEFAULT_DATASET, say)
     device_batch = checkpoint.inherited(
         "device_batch", args.device_batch, saved, DEFAULT_DEVICE_BATCH, say
@@ -214,27 +206,19 @@ def evaluate(args, base: Path, found, tokenizer, rt) -> int:
         raise UsageError(f"{exc}: run `make download DATASET={dataset}` first") from None
 
     # --- the eval bundle: rank 0 fetches or builds it, the others wait and read it
-    bundle = error = None
-    if rt.master:
-        try:
-            bundle = bundle_fetch.ensure(base, args.bundle, args.source)
-        except eval_bundle.BundleError as exc:
-            error = str(exc)
-    if runtime.all_agree(error is not None, rt):
-        if error is None:
-            raise SystemExit(2)  # rank 0 says why
+    try:
+        bundle = bundle_fetch.ensure_on_all_ranks(base, args.bundle, rt, args.source)
+    except eval_bundle.BundleError as exc:
         hint = (
             "; give --source=<mirror URL or local eval_bundle.zip>, or --bundle=embedded "
             "to evaluate offline"
             if args.bundle == "dclm"
             else ""
         )
-        raise UsageError(f"no CORE eval bundle: {error}{hint}")
-    if bundle is None:
-        bundle = eval_bundle.load_bundle(eval_bundle.bundle_dir(base, args.bundle), args.bundle)
+        raise UsageError(f"no CORE eval bundle: {exc}{hint}") from None
 
     # --- model
-    model = checkpoint.load_model(found, rt.device)
+    model = checkpoint.load_model(found, rt.device, tokenizer.vocab_size)
     config = model.config
     seq_len = config.sequence_len
     if say:

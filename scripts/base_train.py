@@ -279,21 +279,15 @@ def use_fp8(model) -> None:
 
 def core_bundle(args, base: Path, rt):
     """The CORE bundle, ready before training starts (a missing one is bad input)."""
-    from nanochat import runtime
     from nanochat.evaluation import bundle_fetch, eval_bundle
 
-    error = None
-    if rt.master:
-        try:
-            bundle_fetch.ensure(base, args.core_bundle)
-        except eval_bundle.BundleError as exc:
-            error = str(exc)
-    if runtime.all_agree(error is not None, rt):
+    try:
+        return bundle_fetch.ensure_on_all_ranks(base, args.core_bundle, rt)
+    except eval_bundle.BundleError as exc:
         raise UsageError(
-            f"--core-every needs the CORE bundle: {error or 'rank 0 could not get it'}; "
+            f"--core-every needs the CORE bundle: {exc}; "
             "use --core-bundle=embedded offline, or --core-every=0"
-        )
-    return eval_bundle.load_bundle(eval_bundle.bundle_dir(base, args.core_bundle), args.core_bundle)
+        ) from None
 
 
 def run_core(model, tokenizer, bundle, args, rt) -> float:

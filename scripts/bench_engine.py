@@ -17,7 +17,7 @@ import time
 from datetime import date
 
 from nanochat.bench import machine, record
-from nanochat.common import CliParser, base_dir, positive_int, run_main
+from nanochat.common import CHECKPOINT_KINDS, CliParser, base_dir, positive_int, run_main
 
 SECTION = "## Stage 8: inference (scripts.bench_engine)"
 HEADER = (
@@ -29,7 +29,7 @@ PROMPT = "Explain in a few sentences what a tokenizer does and why language mode
 
 def build_parser() -> CliParser:
     p = CliParser(prog="python -m scripts.bench_engine", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", default="auto", choices=("auto", "base", "mid", "sft", "rl"))
+    p.add_argument("--source", default="auto", choices=("auto", *CHECKPOINT_KINDS))
     p.add_argument("--tag")
     p.add_argument("--max-tokens", type=positive_int, default=64)
     p.add_argument("--repeats", type=positive_int, default=3, help="best of N")

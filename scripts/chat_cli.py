@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from nanochat.common import (
+    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
     base_dir,
@@ -40,7 +41,7 @@ from nanochat.common import (
 )
 from nanochat.inference.prompt_fit import PromptTooLong, fit_conversation
 
-SOURCE_CHOICES = ("base", "mid", "sft", "rl", "auto")
+SOURCE_CHOICES = (*CHECKPOINT_KINDS, "auto")
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_K = 50
 DEFAULT_MAX_TOKENS = 512

@@ -13,12 +13,13 @@ simplified "GRPO" of the recipe, which is on-policy REINFORCE with a group-mean 
   prompt tokens and the tool's forced output are not trained;
 - the LR (base LRs x ``--lr-scale`` x ``--init-lr-frac``) decays linearly to 0.
 
-Every ``--eval-every`` steps (and before the first and after the last) it reports pass@1 and
-pass@k (k = ``--samples``) on the first ``--eval-problems`` GSM8K test problems. Logs,
-checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train: sampling seeds
-derive from the step, so a resumed run samples what the uninterrupted one would have.
-Writes rl_checkpoints/<tag>/, logs/rl-<tag>.jsonl (with the mean reward the report plots)
-and report/rl.md. Under torchrun each rank takes every world-th prompt of a step.
+Every ``--eval-every`` steps (and before the first and after the last) it reports pass@1 and pass@k
+(k = ``--samples``) on the first ``--eval-problems`` GSM8K test problems. Logs, checkpoints, resume
+and SIGTERM (checkpoint, exit 143) work as in every trainer (the one loop,
+nanochat/training/train_loop.py): sampling seeds derive from the step, so a resumed run samples
+what the uninterrupted one would have. Writes rl_checkpoints/<tag>/, logs/rl-<tag>.jsonl (with the
+mean reward the report plots) and report/rl.md. Under torchrun each rank takes every world-th
+prompt of a step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import random
 from pathlib import Path
 
 from nanochat.common import (
+    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
     add_resume_argument,
@@ -39,7 +41,7 @@ from nanochat.common import (
 )
 from nanochat.training.train_loop import StepResult, Trainer, run
 
-SOURCES = ("sft", "mid", "base")
+SOURCES = tuple(reversed(CHECKPOINT_KINDS[:-1]))  # sft, mid, base: RL starts before rl
 
 
 def build_parser() -> CliParser:
@@ -244,10 +246,14 @@ class GSM8KReinforce(Trainer):
                 f"samples, {rt.world_size} process(es) on {rt.device.type}, "
                 f"from step {self.start_step}"
             )
-        self.results = (
-            self.evaluate(self.start_step) if args.eval_every and not self.start_step else {}
-        )
-        self.first_results = dict(self.results)
+        self.results: dict[str, float] = {}
+        self.first_results: dict[str, float] = {}
+
+    def on_start(self) -> None:
+        """pass@k before the first step of a fresh run (the "before" of the report)."""
+        if self.args.eval_every and not self.start_step:
+            self.results = self.evaluate(self.start_step)
+            self.first_results = dict(self.results)
         self.model.train()
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -1,11 +1,12 @@
 """Stage 5: supervised finetuning. ``python -m scripts.chat_sft`` (after ``make midtrain``).
 
-Starts from the latest mid checkpoint (``--source=base`` skips midtraining) and trains on
-the recipe's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk, identity and spelling
+Starts from the latest mid checkpoint (``--source=base`` skips midtraining) and trains on the
+recipe's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk, identity and spelling
 conversations), one conversation per row, rows padded to the batch's longest, the loss only on
 assistant tokens (mask 1). About one epoch by default; the LR (base LRs x ``--lr-scale`` x
 ``--init-lr-frac``) decays linearly to 0 over the run. A fresh run warm-starts from the source
-checkpoint's optimizer moments when they fit (``--warm-start``, see scripts.mid_train).
+checkpoint's optimizer moments when they fit (``--warm-start``, see
+nanochat/training/chat_stage.py).
 
 Every ``--chatcore-every`` steps (0 = off) and at the end, besides the val loss and bpb (on
 assistant tokens): ChatCORE over a fixed subset -- the first ``--chatcore-problems`` of
@@ -16,8 +17,8 @@ in report/sft.json as the fact "ChatCORE subset" and the metrics ``chatcore_subs
 ``chatcore_subset/<task>`` (not the report card's SFT column, which comes from
 ``chat-eval-sft``).
 
-Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train. Writes
-sft_checkpoints/<tag>/ and report/sft.md.
+Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in every trainer (the one
+loop, nanochat/training/train_loop.py). Writes sft_checkpoints/<tag>/ and report/sft.md.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K")
 
 
 class ChatCoreSubset:
-    """SFT's periodic eval (``Stage.extra_eval``): ChatCORE over the first ``problems`` of
+    """SFT's periodic eval (``ChatStage.extra_eval``): ChatCORE over the first ``problems`` of
     ARC-Easy, ARC-Challenge, MMLU and GSM8K, scored by nanochat.evaluation.chat_eval (greedy
     replies; problems split over ranks, counts summed)."""
 

@@ -83,6 +83,7 @@ import argparse
 import os
 
 from nanochat.common import (
+    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
     base_dir,
@@ -97,7 +98,7 @@ from nanochat.serve.app import API_KEY_ENV, Service, check_address, load_workers
 from nanochat.serve.http_guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, is_loopback
 from nanochat.serve.pool import DEFAULT_QUEUE, WorkerPool
 
-SOURCES = ("auto", "base", "mid", "sft", "rl")
+SOURCES = ("auto", *CHECKPOINT_KINDS)
 
 
 # --- arguments ------------------------------------------------------------------------------

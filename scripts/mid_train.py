@@ -1,24 +1,24 @@
 """Stage 4: midtrain the base model on conversations. ``python -m scripts.mid_train``.
 
-Starts from the latest complete base checkpoint (``--base-tag`` picks another) and trains on
-the recipe's mixture (SmolTalk, MMLU auxiliary, GSM8K with calculator calls, identity and
-spelling conversations; ``--tasks=embedded`` uses the offline miniatures, ``--tasks=hub`` the
-real data in BASE_DIR/task_data), packed like pretraining with the loss on every token.
-MuonAdamW with the base LRs for this width and batch, times ``--lr-scale`` and
-``--init-lr-frac``; the LR is flat, then decays linearly to 0 over the last 20% of the run.
-Warm start (``--warm-start=auto``, the default): a fresh run (not resuming its own checkpoint)
-loads the source checkpoint's optimizer state -- Muon momentum buffers, Adam moments and step
-counts, each rank its own shard -- when it fits (written by as many processes, the same
-parameter groups and shapes), then sets this stage's LRs; otherwise one log line says why and
-the optimizer starts fresh. The outcome is in run_config["warm_start"] and the report.
-Every ``--eval-every`` steps and at the end: the held-out conversations' loss per target token
-and bits per byte (special tokens' bytes count neither way, as in pretraining's val bpb).
-Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in base_train: a
-``--stop-at``, a kill or a preemption followed by the same command gives the same model as an
-uninterrupted run. Sequence length and device batch default to the base checkpoint's (the log
-says "inherited seq_len 2048"; a flag overrides it). Writes mid_checkpoints/<tag>/ and
-report/midtrain.md (the stage's completion marker). This script holds what is midtraining's
-own (the mixture, the packing, the schedule); the rest is nanochat/training/chat_stage.py.
+Starts from the latest complete base checkpoint (``--base-tag`` picks another) and trains on the
+recipe's mixture (SmolTalk, MMLU auxiliary, GSM8K with calculator calls, identity and spelling
+conversations; ``--tasks=embedded`` uses the offline miniatures, ``--tasks=hub`` the real data in
+BASE_DIR/task_data), packed like pretraining with the loss on every token. MuonAdamW with the base
+LRs for this width and batch, times ``--lr-scale`` and ``--init-lr-frac``; the LR is flat, then
+decays linearly to 0 over the last 20% of the run. Warm start (``--warm-start=auto``, the default):
+a fresh run (not resuming its own checkpoint) loads the source checkpoint's optimizer state -- Muon
+momentum buffers, Adam moments and step counts, each rank its own shard -- when it fits (written by
+as many processes, the same parameter groups and shapes), then sets this stage's LRs; otherwise one
+log line says why and the optimizer starts fresh. The outcome is in run_config["warm_start"] and
+the report. Every ``--eval-every`` steps and at the end: the held-out conversations' loss per
+target token and bits per byte (special tokens' bytes count neither way, as in pretraining's val
+bpb). Logs, checkpoints, resume and SIGTERM (checkpoint, exit 143) work as in every trainer (the
+one loop, nanochat/training/train_loop.py): a ``--stop-at``, a kill or a preemption followed by the
+same command gives the same model as an uninterrupted run. Sequence length and device batch default
+to the base checkpoint's (the log says "inherited seq_len 2048"; a flag overrides it). Writes
+mid_checkpoints/<tag>/ and report/midtrain.md (the stage's completion marker). This script holds
+what is midtraining's own (the mixture, the packing, the schedule); the rest is
+nanochat/training/chat_stage.py.
 """
 
 from __future__ import annotations

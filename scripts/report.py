@@ -40,6 +40,8 @@ SOURCES = CHECKPOINT_KINDS  # in pipeline order: the table's columns
 COLUMNS = ("BASE", "MID", "SFT", "RL")
 ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "GSM8K", "HumanEval", "MMLU", "ChatCORE")
 CHAT_EVAL = "chat-eval-"
+# The stages whose sections carry their wall time (tokenizer-eval's is negligible).
+TIMED = tuple(s for s in PIPELINE if s != "tokenizer-eval")
 OUTPUT = "report.md"
 
 
@@ -220,6 +222,13 @@ def build(base: Path) -> tuple[str, str]:
     if not stages:
         raise UsageError(f"no report sections in {report_dir}: run a stage first")
     records = {stage: load_record(report_dir, stage) for stage in stages}
+    older = [s for s in stages if s in TIMED or s.startswith(CHAT_EVAL)]
+    older = [s for s in older if records[s] and "wall_seconds" not in records[s]]
+    if older:  # sections from before stages wrote their numbers as data
+        log(
+            f"report: {', '.join(older)} written by an older nanochat, without numbers as "
+            "data: their cells and times are missing here; run those stages again to fill them"
+        )
     seconds, gpu_hours, cost, counted = totals(list(records.values()))
     table = summary_table(records)
 

@@ -230,3 +230,20 @@ def ensure(base: Path, name: str, source: str | None = None, **fetch_options) ->
     else:
         raise BundleError(f"unknown bundle {name!r}; choose one of {', '.join(BUNDLES)}")
     return load_bundle(folder, name)
+
+
+def ensure_on_all_ranks(base: Path, name: str, rt, source: str | None = None) -> Bundle:
+    """``ensure`` under torchrun: rank 0 fetches or builds the bundle while the others wait,
+    then every rank loads it. A failure is a BundleError on every rank (rank 0's reason; the
+    others only know that rank 0 could not get it), so all stop together."""
+    from nanochat import runtime
+
+    bundle = error = None
+    if rt.master:
+        try:
+            bundle = ensure(base, name, source)
+        except BundleError as exc:
+            error = str(exc)
+    if runtime.all_agree(error is not None, rt):
+        raise BundleError(error or "rank 0 could not get it")
+    return bundle if bundle is not None else load_bundle(bundle_dir(base, name), name)

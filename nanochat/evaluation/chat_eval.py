@@ -1,6 +1,6 @@
 """Chat evaluation: score a chat model on ARC, MMLU, GSM8K, HumanEval and SpellingBee.
 
-DESIGN B.6. ARC-Easy, ARC-Challenge and MMLU are categorical: the conversation is rendered up
+As in the recipe: ARC-Easy, ARC-Challenge and MMLU are categorical: the conversation is rendered up
 to the assistant start, one forward pass, and the logits at the last position restricted to
 the item's choice letters pick the answer. GSM8K, HumanEval and SpellingBee are generative: a
 greedy reply (``Engine.generate_batch``) is decoded and judged by ``task.evaluate``.

@@ -28,7 +28,7 @@ from nanochat.common import one_line
 from nanochat.inference.prompt_fit import PromptTooLong, fit_conversation
 from nanochat.serve.http_guard import json_depth, openai_error
 
-# Request limits: upstream's server used these numbers (DESIGN B.8).
+# Request limits: upstream's server used these numbers.
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
 MAX_TOTAL_CHARS = 32_000

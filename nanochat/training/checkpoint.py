@@ -372,13 +372,19 @@ def _has_tag(base: Path, kind: str, tag: str | None) -> bool:
 
 
 def find(
-    base: Path, kind: str = "auto", tag: str | None = None, step: int | None = None
+    base: Path,
+    kind: str = "auto",
+    tag: str | None = None,
+    step: int | None = None,
+    other_kinds_flag: str | None = "-i",
 ) -> tuple[str, Found]:
     """(kind, Found) of the checkpoint to load; UsageError naming the stage to run otherwise.
 
     ``kind`` is base | mid | sft | rl | auto (the first of rl, sft, mid, base with a
     checkpoint); ``tag`` defaults to the folder whose newest complete checkpoint is the most
-    recent, ``step`` to its latest complete step."""
+    recent, ``step`` to its latest complete step. When there is none of ``kind`` but another
+    kind exists, the error suggests ``<other_kinds_flag> <that kind>`` (None: the caller takes
+    only one kind)."""
     base = Path(base)
     if kind not in (*KINDS, "auto"):
         raise UsageError(f"unknown source {kind!r}; choose one of: {', '.join(KINDS)}, auto")
@@ -392,7 +398,7 @@ def find(
     fix = f"run `make {MAKE_TARGET[kind]}` first"
     if not tags:
         others = [k for k in AUTO_ORDER if k != kind and _has_tag(base, k, None)]
-        hint = f" (or -i {others[0]})" if others else ""
+        hint = f" (or {other_kinds_flag} {others[0]})" if others and other_kinds_flag else ""
         raise UsageError(f"no {kind} checkpoint under {root}: {fix}{hint}")
     if tag is None:
         directory = max(tags)[1]
@@ -430,18 +436,18 @@ def inherited(name: str, given, saved: dict, default, say: bool):
     return default
 
 
-def load_model(found: Found, device, vocab_size: int | None = None):
-    """The GPT of a checkpoint, rebuilt from its meta, in eval mode on ``device``. A meta
-    that does not describe a model, or a vocabulary other than the tokenizer's
-    (``vocab_size``), is a one-line UsageError."""
-    from nanochat.model.gpt import GPTConfig, build_model
+def model_config(found: Found, vocab_size: int | None = None):
+    """The checkpoint's GPTConfig, checked: a meta that does not describe a model, or a
+    vocabulary other than the tokenizer's (``vocab_size``), is a one-line UsageError. Cheap:
+    callers check it before any heavy work."""
+    from nanochat.model.gpt import GPTConfig
 
     where = f"{found.directory} step {found.step}"
-    model_config = found.meta.get("model_config")
-    if not isinstance(model_config, dict):
+    saved = found.meta.get("model_config")
+    if not isinstance(saved, dict):
         raise UsageError(f"the meta of {where} has no model_config")
     try:
-        config = GPTConfig(**model_config)
+        config = GPTConfig(**saved)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"the model_config of {where} is not valid: {one_line(exc)}") from None
     if vocab_size is not None and config.vocab_size != vocab_size:
@@ -449,7 +455,16 @@ def load_model(found: Found, device, vocab_size: int | None = None):
             f"{where} has a vocabulary of {config.vocab_size}, the tokenizer "
             f"{vocab_size}: was the tokenizer retrained after pretraining?"
         )
-    model = build_model(config, device)
+    return config
+
+
+def load_model(found: Found, device, vocab_size: int | None = None):
+    """The GPT of a checkpoint, rebuilt from its meta (``model_config``), in eval mode on
+    ``device``."""
+    from nanochat.model.gpt import build_model
+
+    where = f"{found.directory} step {found.step}"
+    model = build_model(model_config(found, vocab_size), device)
     state = load_model_state(found, device)
     # A model saved through torch.compile carries the wrapper's prefix.
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}

@@ -178,6 +178,9 @@ class Trainer:
         )  # fmt: skip
         return found
 
+    def on_start(self) -> None:
+        """Work before the first step, timed and stoppable like the steps (RL's first eval)."""
+
     def lr_multiplier(self, step: int) -> float:
         raise NotImplementedError
 
@@ -228,6 +231,7 @@ def run(trainer: Trainer, args, base: Path) -> int:
 
         bar = tqdm(total=num_steps, initial=trainer.start_step, unit="step", dynamic_ncols=True)
     record = RunRecord(started=time.monotonic())
+    trainer.on_start()
     step = trainer.start_step
     while step < num_steps:
         trainer.before_step(step)
@@ -241,11 +245,12 @@ def run(trainer: Trainer, args, base: Path) -> int:
         record.step_times.append(dt)
         if rt.master:
             append_step(log_path, step, result.loss, lrm, dt, **result.logged)
-            if wandb_run:
-                wandb_run.log({**result.metrics, "lrm": lrm}, step=step)
             recent = record.step_times[-trainer.eta_window :]
             eta = sum(recent) / len(recent) * (num_steps - step)
+            # progress() may add figures to result.metrics (pretraining's tokens/s)
             line = f"{trainer.progress(result, lrm, dt)} | eta {eta / 60:.1f} min"
+            if wandb_run:
+                wandb_run.log({**result.metrics, "lrm": lrm}, step=step)
             if bar is not None:
                 bar.set_postfix_str(line, refresh=False)
                 bar.update(1)

@@ -81,6 +81,8 @@ def test_report_stitches_sections_table_and_plot(base_dir):
     assert report.index("## Loss curves") < report.index("## Summary")
     assert report.rstrip().endswith("| ChatCORE | - | - | - | - |")  # ends with the table
     assert "- total wall time: 0.03 h (2 of 3 sections report one)" in report  # 90 s + 30 s
+    # make_base's tokenizer section has no wall time, as sections written before it was data
+    assert "report: tokenizer written by an older nanochat" in result.stderr
 
     rows = table_rows(result.stdout)
     assert rows["Metric"] == ["BASE", "MID", "SFT", "RL"]
