@@ -25,12 +25,10 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nanochat.common import CliParser, base_dir, log, positive_int, run_main
+from nanochat.common import CliParser, base_dir, positive_int, run_main
 from nanochat.data import shards
 from nanochat.data.dataset import (
     DATASET_NAME,
@@ -41,8 +39,7 @@ from nanochat.data.dataset import (
     fetch_remote,
     source_kind,
 )
-from nanochat.data.download import Terminated, add_network_arguments, sigterm_as_interrupt
-from nanochat.data.shards import FolderBusy, ShardError
+from nanochat.data.download import add_network_arguments, interruptible
 
 
 def build_parser() -> CliParser:
@@ -126,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     _validate(parser, args)
     base = base_dir()
     folder = shards.data_dir(base, args.dataset)
-    previous = sigterm_as_interrupt()
-    try:
+    with interruptible("shard"):
         if args.dataset == EMBEDDED:
             ensure_embedded(base)
             found = shards.list_shards(folder)
@@ -146,18 +142,6 @@ def main(argv: list[str] | None = None) -> int:
             retry_delay=args.retry_delay,
             timeout=args.timeout,
         )
-    except FolderBusy as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except ShardError as exc:  # a shard that does not read back right after it was written
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt as exc:
-        log("interrupted; no partial shard was left under a final name")
-        return 143 if isinstance(exc, Terminated) else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

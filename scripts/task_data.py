@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,11 +41,10 @@ from nanochat.common import (
 from nanochat.data.download import (
     Downloader,
     Job,
-    Terminated,
     add_network_arguments,
-    sigterm_as_interrupt,
+    interruptible,
 )
-from nanochat.data.shards import FolderBusy, folder_lock
+from nanochat.data.shards import folder_lock
 from nanochat.tasks.hub import SOURCES, HubSource, task_data_dir, verify_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -194,20 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in SOURCES if args.only is None or n in args.only]
     items = [Split(n, split, SOURCES[n]) for n in names for split in SOURCES[n].splits]
     root = base_dir() / "task_data"
-    previous = sigterm_as_interrupt()
-    try:
-        with folder_lock(root):
-            return _run(args, root, items)
-    except FolderBusy:
-        print(f"error: another task-data run is writing {root} (lock {root / '.lock'} is "
-              "held); wait for it to finish", file=sys.stderr, flush=True)  # fmt: skip
-        return 2
-    except KeyboardInterrupt as exc:
-        log("interrupted; no partial file was left under a final name")
-        return 143 if isinstance(exc, Terminated) else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with interruptible("file"), folder_lock(root, what="task-data"):
+        return _run(args, root, items)
 
 
 def _run(args: argparse.Namespace, root: Path, items: list[Split]) -> int:

@@ -16,6 +16,7 @@ holds the folder lock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,6 +508,21 @@ def describe_error(exc: BaseException) -> str:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, unwound like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def interruptible(what: str) -> Iterator[None]:
+    """A fetch that Ctrl-C or SIGTERM (docker stop, the local backend) stops cleanly: temp
+    files go, one line says so, and the process exits 130 (Ctrl-C) or 143 (SIGTERM)."""
+    previous = sigterm_as_interrupt()
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        log(f"interrupted; no partial {what} was left under a final name")
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def sigterm_as_interrupt():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from nanochat.common import (
     ArtifactError,
+    UsageError,
     atomic_path,
     atomic_write_text,
     file_sha256,
@@ -294,18 +295,19 @@ def iter_texts(paths: Iterable[Path]) -> Iterator[str]:
 BUILDING_MARKER = ".building"  # present while a folder is being (re)built
 
 
-class FolderBusy(RuntimeError):
-    """Another process holds the folder's lock."""
+class FolderBusy(UsageError):
+    """Another process holds the folder's lock: run again once it is done (exit 2)."""
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
+def folder_lock(folder: Path, what: str = "download") -> Iterator[None]:
     """Exclusive, non-blocking lock on ``<folder>/.lock`` (``common.lock_folder``); FolderBusy
-    if already held. Temp files a run killed hard left behind are swept once it is held."""
+    naming the ``what`` run that holds it. Temp files a run killed hard left behind are swept
+    once it is held."""
 
     def busy(lock_path: Path) -> FolderBusy:
         return FolderBusy(
-            f"another download run is writing {folder} (lock {lock_path} is held);"
+            f"another {what} run is writing {folder} (lock {lock_path} is held);"
             " wait for it to finish"
         )
 

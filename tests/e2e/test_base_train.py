@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, run_cli, write_corpus
 from helpers.builders import tokenizer_for
 from helpers.pretrain import SMALL, train
+from helpers.stopping import sigterm_after_step_two
 
 from nanochat.data import shards
 from nanochat.training import checkpoint
@@ -80,32 +81,10 @@ def test_resume_with_other_settings_is_refused(toy):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(toy):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "scripts.base_train",
-            *SMALL,
-            "--num-steps=500",
-            "--eval-every=0",
-            "--save-every=0",
-        ],  # fmt: skip
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:
-        if line.startswith("step 00002/"):
-            break
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    found = checkpoint.latest(checkpoint.checkpoint_dir(toy, "base", "d2"))
-    assert found is not None and 2 <= found.step < 500
-    assert checkpoint.load_model_state(found)
-    assert f"stopped at step {found.step} by signal 15" in err
+    argv = [sys.executable, "-m", "scripts.base_train", *SMALL, "--num-steps=500",
+            "--eval-every=0", "--save-every=0"]  # fmt: skip
+    found, _ = sigterm_after_step_two(argv, checkpoint.checkpoint_dir(toy, "base", "d2"))
+    assert found.step < 500 and checkpoint.load_model_state(found)
 
 
 def test_two_processes_match_one_with_accumulation(base_dir):

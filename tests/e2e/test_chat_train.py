@@ -5,16 +5,14 @@ SIGTERM), SFT warm-starts from the mid optimizer and logs its ChatCORE subset.""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, run_cli
+from conftest import run_cli
 from helpers.builders import chat_tokenizer, save_checkpoint, tiny_gpt
+from helpers.stopping import sigterm_after_step_two
 
 from nanochat import runtime
 from nanochat.data.chat_data import PackedConversations, PaddedConversations
@@ -190,24 +188,9 @@ def test_midtrain_sigterm_then_rerun_matches_an_uninterrupted_run(based):
     args = ["--num-steps=30", "--eval-every=0", "--save-every=0"]
     straight = run("mid_train", [*args, "--tag=a"])
     assert straight.returncode == 0, straight.stderr[-2000:]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.mid_train", *COMMON, *args, "--tag=b"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1",
-             "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    for line in proc.stdout:
-        if line.startswith("step 00002/"):
-            break
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    stopped = checkpoint.latest(checkpoint.checkpoint_dir(based, "mid", "b"))
-    assert stopped is not None and 2 <= stopped.step < 30
-    assert f"stopped at step {stopped.step} by signal 15" in err
+    argv = [sys.executable, "-m", "scripts.mid_train", *COMMON, *args, "--tag=b"]
+    stopped, _ = sigterm_after_step_two(argv, checkpoint.checkpoint_dir(based, "mid", "b"))
+    assert stopped.step < 30
     again = run("mid_train", [*args, "--tag=b"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from step {stopped.step}" in again.stderr
