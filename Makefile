@@ -76,10 +76,12 @@ endif
 # Only the signals that end a process are re-raised (HUP INT QUIT ABRT KILL PIPE TERM); make's
 # question mode stays out of the command's environment (a nested make would build nothing).
 QUIET_MAKE := env -u MAKEFLAGS -u MFLAGS
-# The shell waits after the kill: make, handling the signal, ends it (exiting at once races
-# make's own bookkeeping: "wait: No child processes", exit 2).
+# After signalling make, the shell gives make's handler a moment to start, then ends itself by
+# the same signal: on SIGTERM make has already stopped it; on SIGINT make waits for it (a wait
+# of 5 s held every Ctrl-C'd stage). Ending at once races make's own bookkeeping ("wait: No
+# child processes", exit 2).
 pass_code = $(QUIET_MAKE) $(1); code=$$?; case $$code in 129|130|131|134|137|141|143) \
-	kill -s $$((code - 128)) $$PPID; sleep 5;; esac; exit $$code
+	kill -s $$((code - 128)) $$PPID; sleep 0.2; kill -s $$((code - 128)) $$$$;; esac; exit $$code
 
 # The venv's bin/ first, so `python` and `torchrun` in stage commands are the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)

@@ -27,11 +27,12 @@ def main(argv: list[str]) -> int:
         pass
     import docker
 
-    client = docker.from_env()
     try:
-        container = client.containers.get(name)
+        container = docker.from_env().containers.get(name)
     except docker.errors.NotFound:
         return 0  # the launcher removed it: a normal end
+    except docker.errors.DockerException:
+        return 0  # no engine to ask (it went, or never ran the container): nothing to stop
     try:  # the launcher's terminal or pipe may be gone with it: never let that stop us
         print(
             f"[nanochat] docker: the launcher of {name} is gone; stopping it ({timeout} s to save)",

@@ -49,12 +49,8 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def tied_to_us():
-    """A ``preexec_fn`` for Popen: the child gets SIGTERM when this process dies. The libc
-    function is looked up here, before the fork; the child only calls it."""
-    prctl = lifeline.libc_prctl()
-    if prctl is None:
-        return None
-    return lambda: prctl(lifeline.PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    """A ``preexec_fn`` for Popen: the child gets SIGTERM when this process dies."""
+    return lifeline.parent_death_signal(signal.SIGTERM)
 
 
 def run(command: StageCommand) -> int:

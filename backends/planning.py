@@ -373,6 +373,7 @@ def entry_line(number: int, the_plan: Plan) -> str:
     )
 
 
-def is_complete(the_plan: Plan, base_dir: Path | None = None) -> bool:
+def is_complete(the_plan: Plan) -> bool:
+    """Whether the stage's completion marker is in the plan's BASE_DIR."""
     marker = the_plan.done_path
-    return marker is not None and ((base_dir or the_plan.base_dir) / marker).exists()
+    return marker is not None and (the_plan.base_dir / marker).exists()

@@ -86,10 +86,10 @@ def log(message: str) -> None:
     print(stamp(message), file=sys.stderr, flush=True)
 
 
-def one_line(exc: BaseException | str) -> str:
-    """An exception (or text) squeezed onto one line of at most 400 characters."""
+def one_line(exc: BaseException | str, limit: int = 400) -> str:
+    """An exception (or text) squeezed onto one line of at most ``limit`` characters."""
     text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CliParser(argparse.ArgumentParser):

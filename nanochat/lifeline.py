@@ -36,10 +36,20 @@ def libc_prctl():
         return None
 
 
+def parent_death_signal(sig: int = signal.SIGTERM):
+    """A call that has the kernel send ``sig`` to the calling process when its parent exits
+    (0 when set), or None off Linux. The libc lookup happens here, so the call is safe as a
+    ``preexec_fn`` between fork and exec (the launcher's children)."""
+    prctl = libc_prctl()
+    if prctl is None:
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     """Have the kernel send ``sig`` to this process when its parent exits. True when set."""
-    prctl = libc_prctl()
-    return bool(prctl) and prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    set_it = parent_death_signal(sig)
+    return set_it is not None and set_it() == 0
 
 
 def die_with_launcher(sig: int = signal.SIGTERM) -> None:

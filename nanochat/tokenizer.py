@@ -75,7 +75,8 @@ FIX = "run `make tokenizer` to train it again, or restore the tokenizer folder f
 
 class TokenizerError(ArtifactError):
     """A damaged or malformed tokenizer file; the message names it and the fix, in one line.
-    (A ValueError, so every stage that reports a bad tokenizer in one line already does.)"""
+    An ArtifactError: a stage's ``run_main`` reports it in one line as work that failed
+    (exit 1), not as bad input."""
 
 
 def tokenizer_dir(base: Path) -> Path:

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat.tokenizer import Tokenizer, tokenizer_dir
     from nanochat.training import checkpoint
 
-    _, found = checkpoint.find(base, "base", args.tag, args.step, other_kinds_flag=None)
+    _, found = checkpoint.find(base, "base", args.tag, args.step, other_flag=None)
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
     except (FileNotFoundError, ValueError) as exc:

@@ -22,14 +22,19 @@ from pathlib import Path
 from nanochat.common import (
     CliParser,
     UsageError,
-    add_resume_argument,
     base_dir,
     log,
     positive_int,
     run_main,
 )
 from nanochat.model.dial import SEQ_LEN
-from nanochat.training.train_loop import StepResult, Trainer, run, train_step
+from nanochat.training.train_loop import (
+    StepResult,
+    Trainer,
+    add_loop_arguments,
+    run,
+    train_step,
+)
 
 
 def build_parser() -> CliParser:
@@ -53,19 +58,11 @@ def build_parser() -> CliParser:
     p.add_argument("--num-steps", type=positive_int, help="steps (default: from --ratio)")
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (0 = end)")
     p.add_argument("--eval-batches", type=positive_int, default=20, help="val batches per eval")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N (0 = end)")
     p.add_argument("--core-every", type=int, default=2000, help="CORE every N steps (0 = off)")
     p.add_argument("--core-bundle", choices=("dclm", "embedded"), default="dclm")
     p.add_argument("--core-max-per-task", type=positive_int, default=500)
     p.add_argument("--sample-every", type=int, default=2000, help="samples every N (0 = off)")
-    p.add_argument(
-        "--stop-at", type=positive_int, help="stop with a checkpoint after this step (time-boxing)"
-    )
-    add_resume_argument(p)
-    p.add_argument("--tag", help="checkpoint folder name (default d<depth>)")
-    p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    add_loop_arguments(p, save_every=1000, tag_help="default d<depth>")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls (H100, torchao)")
     return p
 

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat.inference.engine import Engine, load_chat_model
 
     rt = runtime.start()
-    model, tokenizer, meta = load_chat_model(base_dir(), args.source, rt.device, tag=args.tag)
+    model, tokenizer, meta = load_chat_model(
+        base_dir(), args.source, rt.device, tag=args.tag, other_flag="--source"
+    )
     engine = Engine(model, tokenizer)
     conversation = {
         "messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ""}]

@@ -32,7 +32,6 @@ from nanochat.common import (
     CliParser,
     UsageError,
     base_dir,
-    die,
     log,
     non_negative_float,
     non_negative_int,
@@ -53,7 +52,6 @@ HELP = """commands:
   /help           this list
   /quit           leave (Ctrl-D too); Ctrl-C stops a reply while it is written"""
 DIM, RESET = "\033[2m", "\033[0m"
-PART_TYPE = {"text": "text", "python": "python", "output": "python_output"}
 # Control characters a model may emit (bell, carriage return, escape sequences) are shown
 # escaped, so a reply can not ring, overwrite lines or restyle the terminal.
 VISIBLE = {c: f"\\x{c:02x}" for c in [*range(32), 127] if chr(c) not in "\n\t"}
@@ -150,9 +148,11 @@ class Chat:
             return DIM + opening, closing + RESET
         return opening, closing
 
-    def stream_reply(self, ids: list[int], parts: list[list[str]]) -> None:
-        """Write the reply as it comes; collect it into ``parts`` ([kind, text] pairs), so a
-        reply cut short by Ctrl-C is still there."""
+    def stream_reply(self, ids: list[int], parts: list[dict]) -> None:
+        """Write the reply as it comes; collect it into ``parts`` (content parts, see
+        ``merge_parts``), so a reply cut short by Ctrl-C is still there."""
+        from nanochat.inference.engine import merge_parts
+
         seed = (
             random.SystemRandom().randrange(2**31)
             if self.args.seed is None
@@ -172,10 +172,7 @@ class Chat:
                 if piece_kind != kind:
                     self.out.write(self._marks(kind)[1] + self._marks(piece_kind)[0])
                     kind = piece_kind
-                if parts and parts[-1][0] == kind:
-                    parts[-1][1] += text
-                else:
-                    parts.append([kind, text])
+                merge_parts(parts, kind, text)
                 self.out.write(text.translate(VISIBLE))
                 self.out.flush()
         finally:
@@ -184,11 +181,10 @@ class Chat:
             self.out.flush()
 
     @staticmethod
-    def assistant_message(parts: list[list[str]]) -> dict:
-        if all(kind == "text" for kind, _ in parts):
-            return {"role": "assistant", "content": "".join(text for _, text in parts)}
-        content = [{"type": PART_TYPE[kind], "text": text} for kind, text in parts]
-        return {"role": "assistant", "content": content}
+    def assistant_message(parts: list[dict]) -> dict:
+        if all(part["type"] == "text" for part in parts):
+            return {"role": "assistant", "content": "".join(part["text"] for part in parts)}
+        return {"role": "assistant", "content": parts}
 
     def ask(self, text: str) -> None:
         """One exchange of the multi-turn chat; Ctrl-C ends the reply early."""
@@ -199,7 +195,7 @@ class Chat:
             return
         if len(messages) < len(self.messages) + 1:
             print("(the oldest turns were dropped to fit the context)", file=sys.stderr)
-        parts: list[list[str]] = []
+        parts: list[dict] = []
         if self.color:
             self.out.write(DIM + "assistant> " + RESET)
         try:
@@ -313,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat.inference.engine import Engine, load_chat_model
 
     rt = runtime.start()
-    try:
-        model, tokenizer, meta = load_chat_model(base, args.source, rt.device, args.tag, args.step)
-    except UsageError as exc:
-        die(str(exc))
+    model, tokenizer, meta = load_chat_model(base, args.source, rt.device, args.tag, args.step)
     engine = Engine(model, tokenizer)
     log(
         f"{meta['source']} model {meta['tag']} step {meta['step']} on {rt.device} "
@@ -325,10 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = Chat(engine, tokenizer, args)
     if args.prompt is None:
         return repl(chat, base)
-    try:
-        _, ids = chat.fit([{"role": "user", "content": args.prompt}])
-    except UsageError as exc:
-        die(str(exc))
+    _, ids = chat.fit([{"role": "user", "content": args.prompt}])
     try:
         chat.stream_reply(ids, [])
     except KeyboardInterrupt:

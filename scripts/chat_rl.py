@@ -31,7 +31,6 @@ from nanochat.common import (
     CHECKPOINT_KINDS,
     CliParser,
     UsageError,
-    add_resume_argument,
     base_dir,
     log,
     non_negative_float,
@@ -39,7 +38,7 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
-from nanochat.training.train_loop import StepResult, Trainer, run
+from nanochat.training.train_loop import StepResult, Trainer, add_loop_arguments, run
 
 SOURCES = tuple(reversed(CHECKPOINT_KINDS[:-1]))  # sft, mid, base: RL starts before rl
 
@@ -62,12 +61,9 @@ def build_parser() -> CliParser:
     p.add_argument("--init-lr-frac", type=float, default=0.05, help="LR fraction to start at")
     p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (0 = end)")
     p.add_argument("--eval-problems", type=positive_int, default=400, help="test problems")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N (0 = end)")
-    p.add_argument("--stop-at", type=positive_int, help="stop with a checkpoint after this step")
-    add_resume_argument(p)
-    p.add_argument("--tag", help="checkpoint folder (default: the source checkpoint's tag)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
+    add_loop_arguments(
+        p, save_every=60, tag_help="default: the source checkpoint's tag", compile=False
+    )
     return p
 
 
@@ -168,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         test_task = GSM8K(source=args.tasks, split="test")
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"{exc} (or use --tasks=embedded)") from None
-    model, tokenizer, meta = load_chat_model(base, args.source, "cpu", args.source_tag)
+    model, tokenizer, meta = load_chat_model(
+        base, args.source, "cpu", args.source_tag, other_flag="--source", others=SOURCES
+    )
     if args.max_new_tokens >= model.config.sequence_len:
         raise UsageError(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
@@ -246,14 +244,12 @@ class GSM8KReinforce(Trainer):
                 f"samples, {rt.world_size} process(es) on {rt.device.type}, "
                 f"from step {self.start_step}"
             )
-        self.results: dict[str, float] = {}
         self.first_results: dict[str, float] = {}
 
     def on_start(self) -> None:
         """pass@k before the first step of a fresh run (the "before" of the report)."""
         if self.args.eval_every and not self.start_step:
-            self.results = self.evaluate(self.start_step)
-            self.first_results = dict(self.results)
+            self.first_results = self.evaluate(self.start_step)
         self.model.train()
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -381,7 +377,7 @@ class GSM8KReinforce(Trainer):
 
     def after_step(self, step: int) -> None:
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.num_steps:
-            self.results = self.evaluate(step)
+            self.evaluate(step)  # logged; the report takes the one after the last step
 
     def finish(self, step: int, record) -> None:
         from nanochat.report import write_section

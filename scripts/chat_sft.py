@@ -115,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     base = base_dir()
     if args.source == "mid" and not (base / "mid_checkpoints").is_dir():
         raise UsageError("no mid checkpoint: run make midtrain first (or --source base)")
-    try:
-        model, tokenizer, meta = load_chat_model(base, args.source, "cpu", args.source_tag)
-    except UsageError as exc:
-        hint = " (or --source base)" if args.source == "mid" else ""
-        raise UsageError(f"{exc}{hint}") from None
+    model, tokenizer, meta = load_chat_model(
+        base, args.source, "cpu", args.source_tag, other_flag="--source", others=("mid", "base")
+    )
     try:
         train_task, val_task = chat_stage.split_val(sft_mixture(args.tasks))
     except (FileNotFoundError, ValueError) as exc:

@@ -85,9 +85,7 @@ import os
 from nanochat.common import (
     CHECKPOINT_KINDS,
     CliParser,
-    UsageError,
     base_dir,
-    die,
     log,
     non_negative_int,
     positive_int,
@@ -196,11 +194,8 @@ def allowed_hosts(args) -> tuple[str, ...] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = base_dir()
-    try:
-        check_address(args.host, args.port)
-        workers, meta = load_workers(base, args.source, args.tag, args.step, args.workers)
-    except UsageError as exc:
-        die(str(exc))
+    check_address(args.host, args.port)
+    workers, meta = load_workers(base, args.source, args.tag, args.step, args.workers)
     from concurrent.futures import ThreadPoolExecutor
 
     model = workers[0].model

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat.inference.engine import load_chat_model
 
     base = base_dir()
-    model, tokenizer, meta = load_chat_model(base, "base", "cpu", args.base_tag)
+    model, tokenizer, meta = load_chat_model(base, "base", "cpu", args.base_tag, other_flag=None)
     try:
         train_task, val_task = chat_stage.split_val(mid_mixture(args.tasks))
     except (FileNotFoundError, ValueError) as exc:

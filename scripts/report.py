@@ -29,7 +29,6 @@ from nanochat.common import (
     atomic_path,
     atomic_write_text,
     base_dir,
-    die,
     log,
     run_main,
 )
@@ -259,10 +258,7 @@ def build(base: Path) -> tuple[str, str]:
 def main(argv=None) -> int:
     build_parser().parse_args(argv)
     base = base_dir()
-    try:
-        text, table = build(base)
-    except UsageError as exc:
-        die(str(exc))
+    text, table = build(base)
     path = base / "report" / OUTPUT
     atomic_write_text(path, text)
     log(f"wrote {path}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -39,15 +38,16 @@ from nanochat.common import (
     run_main,
 )
 from nanochat.data.download import (
+    HUB,
     Downloader,
     Job,
     add_network_arguments,
+    hub_endpoint,
     interruptible,
 )
 from nanochat.data.shards import folder_lock
 from nanochat.tasks.hub import SOURCES, HubSource, task_data_dir, verify_file
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 LISTING = ".listing.json"  # per split: what was fetched (hidden from the *.parquet glob)
 OUR_FILE = re.compile(r"^\d{4,}\.parquet$")
 
@@ -160,8 +160,7 @@ def build_parser() -> CliParser:
         "--endpoint",
         default=None,
         metavar="URL",
-        help="hub address, or a mirror serving the same API (default: $HF_ENDPOINT, "
-        f"else {DEFAULT_ENDPOINT})",
+        help=f"hub address, or a mirror serving the same API (default: $HF_ENDPOINT, else {HUB})",
     )
     add_network_arguments(parser, "file")
     return parser
@@ -173,7 +172,7 @@ def _validate(parser: CliParser, args: argparse.Namespace) -> None:
         if name not in SOURCES:
             parser.error(f"--only {name!r}: unknown task (known: {', '.join(SOURCES)})")
     if args.endpoint is None:
-        args.endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+        args.endpoint = hub_endpoint()
     parts = urlsplit(args.endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         parser.error(f"--endpoint {args.endpoint!r}: expected an http(s) URL")

@@ -26,10 +26,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
-from nanochat.data.shards import ShardError, data_dir, iter_texts, list_shards, open_shard
+from nanochat.common import CliParser, UsageError, base_dir, log, positive_int, run_main
+from nanochat.data.shards import data_dir, iter_texts, list_shards, open_shard
 from nanochat.report import write_section
-from nanochat.tokenizer import Tokenizer, TokenizerError, tokenizer_dir
+from nanochat.tokenizer import Tokenizer, tokenizer_dir
 
 # The files tiktoken 0.14 fetches for each reference encoding, with the sha256 it checks
 # (tiktoken_ext/openai_public.py). A cached file whose hash differs would be re-downloaded.
@@ -221,19 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = Tokenizer.load(tokenizer_dir(base))
     except FileNotFoundError as exc:  # not trained yet: run the stage before
-        die(str(exc))
-    except TokenizerError as exc:  # a damaged file is not bad input: the work failed
-        die(str(exc), code=1)
+        raise UsageError(str(exc)) from None
+    # A damaged tokenizer (TokenizerError) or shard (ShardError) is not bad input: run_main
+    # reports the work failed (exit 1).
 
     encoders = {"ours": tokenizer.encode}
     for label in REFERENCES:
         reference = load_reference(label)
         encoders[label] = None if reference is None else reference.encode_ordinary_batch
 
-    try:
-        samples = shard_samples(tokenizer, base, args.max_chars)
-    except ShardError as exc:
-        die(str(exc), code=1)
+    samples = shard_samples(tokenizer, base, args.max_chars)
     samples += [(label, [text]) for label, text in BUILTIN_SAMPLES.items()]
 
     header = ["sample", "chars", "bytes", *(f"{label} tokens (bytes/token)" for label in encoders)]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanochat.common import CliParser, base_dir, die, log, positive_int, run_main
-from nanochat.data.shards import ShardError, check_sizes, data_dir, iter_texts, list_shards
+from nanochat.data.shards import check_sizes, data_dir, iter_texts, list_shards
 from nanochat.model.dial import DEFAULT_VOCAB
 from nanochat.report import write_section
 from nanochat.tokenizer import MIN_VOCAB_SIZE, tokenizer_dir, train_tokenizer
@@ -130,11 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     reader = CorpusReader(train_paths, args.max_chars, args.doc_cap)
     start = time.monotonic()
-    try:
-        check_sizes(train_paths)
-        tokenizer = train_tokenizer(reader, args.vocab_size)  # reading errors pass through
-    except ShardError as exc:  # damaged data, not bad input: the work failed
-        die(str(exc), code=1)
+    check_sizes(train_paths)  # damaged data (ShardError): run_main says the work failed, exit 1
+    tokenizer = train_tokenizer(reader, args.vocab_size)  # reading errors pass through
     seconds = time.monotonic() - start
     if reader.docs == 0:
         die(f"the training shards in {directory} hold no documents", code=1)

@@ -21,7 +21,6 @@ One run per folder at a time (``<folder>/.lock``). The fetching is done by
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from nanochat.common import log, one_line
 from nanochat.data import shards
 from nanochat.data.custom_data import InputError, convert_folder
-from nanochat.data.download import Downloader
+from nanochat.data.download import Downloader, hub_endpoint
 from nanochat.data.shards import ShardError, building, folder_complete, folder_lock
 
 # ----------------------------------------------------------------------------- datasets
@@ -57,11 +56,6 @@ class RemoteDataset:
     def listing_url(self) -> str:
         """The hub's paths-info API: size and LFS sha256 of the files asked for."""
         return f"{hub_endpoint()}/api/datasets/{self.repo}/paths-info/main"
-
-
-def hub_endpoint() -> str:
-    """The Hugging Face hub, or the mirror named by $HF_ENDPOINT (as for the task data)."""
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 # ClimbMix is the current recipe's data, FineWeb-EDU the original's.

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nanochat.common import atomic_path, file_sha256, log, one_line, stamp
+from nanochat.common import atomic_path, log, one_line, stamp
 from nanochat.data import shards
 
 CHUNK_BYTES = 1 << 20
@@ -125,9 +125,6 @@ class Downloader:
             self._bar.write(stamp(message), file=sys.stderr)
         else:
             log(message)
-
-    def url(self, index: int) -> str:
-        return f"{self.base_url}/{shards.shard_name(index)}"
 
     def shard_job(self, index: int) -> Job:
         name = shards.shard_name(index)
@@ -321,17 +318,7 @@ class Downloader:
         def check(job: Job) -> tuple:
             if not job.path.exists():
                 return None, None
-            try:
-                record = records.get(job.path.name)
-                if record is not None:
-                    return shards.check_recorded(job.path, record), None
-                reason = job.verify(job.path)
-                if reason is not None:
-                    return reason, None
-                size, sha256 = job.path.stat().st_size, file_sha256(job.path)
-            except OSError as exc:  # unreadable: fetching it again replaces it
-                return f"cannot be read ({one_line(exc)})", None
-            return None, {"bytes": size, "sha256": sha256}
+            return shards.check_shard(job.path, records.get(job.path.name), job.verify)
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="check") as pool:
             return list(pool.map(check, jobs))
@@ -508,6 +495,14 @@ def describe_error(exc: BaseException) -> str:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, unwound like Ctrl-C."""
+
+
+HUB = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub, or the mirror $HF_ENDPOINT names (shards and task data alike)."""
+    return (os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
 
 
 @contextlib.contextmanager

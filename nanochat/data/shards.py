@@ -322,6 +322,21 @@ def clear_shards(folder: Path) -> None:
     (folder / RECORDS_FILE).unlink(missing_ok=True)
 
 
+def check_shard(path: Path, record: dict | None, verify=None) -> tuple[str | None, dict | None]:
+    """(why ``path`` is damaged or None, a record to add or None). A recorded file is checked
+    by size and sha256; one without a record (an older nanochat wrote it) by ``verify``
+    (default: decoding the shard whole), and when it passes its record is returned."""
+    try:
+        if record is not None:
+            return check_recorded(path, record), None
+        reason = (verify or verify_shard)(path)
+        if reason is not None:
+            return reason, None
+        return None, {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    except OSError as exc:  # vanished or unreadable: fetched or built again
+        return f"cannot be read ({one_line(exc)})", None
+
+
 def folder_complete(folder: Path, adopt: bool = True) -> bool:
     """At least two shards, each matching its record (size and sha256), and no interrupted
     build. A shard without a record (written by an older nanochat) is decoded and, when it
@@ -336,17 +351,11 @@ def folder_complete(folder: Path, adopt: bool = True) -> bool:
     adopted = {}
     for path in found:
         record = records.get(path.name)
-        try:
-            if record is not None:
-                reason = check_recorded(path, record)
-            elif adopt:
-                reason = verify_shard(path)
-                if reason is None:
-                    adopted[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-            else:
-                return False
-        except OSError as exc:  # vanished or unreadable: built again like a damaged one
-            reason = f"cannot be read ({one_line(exc)})"
+        if record is None and not adopt:
+            return False
+        reason, new_record = check_shard(path, record)
+        if new_record is not None:
+            adopted[path.name] = new_record
         if reason is not None:
             log(f"{path} {reason}: the folder is built again")
             return False

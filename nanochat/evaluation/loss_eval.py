@@ -24,6 +24,30 @@ def token_bytes(tokenizer: Tokenizer, device: str | torch.device = "cpu") -> tor
 
 
 @torch.no_grad()
+def loss_sums(
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    bytes_per_token: torch.Tensor,
+) -> tuple[float, int, float, int]:
+    """Over ``steps`` batches, summed over ranks (targets < 0 are ignored): (nats of every
+    target token, their count, nats of the tokens that stand for text, those tokens' bytes).
+    Special tokens' bytes count neither way."""
+    sums = torch.zeros(4, dtype=torch.float64, device=bytes_per_token.device)
+    for _ in range(steps):
+        inputs, targets = next(batches)
+        nats = model(inputs, targets, loss_reduction="none").reshape(-1).double()
+        flat = targets.reshape(-1)
+        nbytes = torch.where(flat >= 0, bytes_per_token[flat.clamp(min=0)], 0)
+        sums += torch.stack(
+            [nats.sum(), (flat >= 0).sum(), (nats * (nbytes > 0)).sum(), nbytes.sum()]
+        ).double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    nats_all, tokens, nats_text, text_bytes = sums.tolist()
+    return nats_all, int(tokens), nats_text, int(text_bytes)
+
+
 def evaluate_bpb(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -31,18 +55,7 @@ def evaluate_bpb(
     bytes_per_token: torch.Tensor,
 ) -> float:
     """Bits per byte of ``model`` over ``steps`` batches (targets < 0 are ignored)."""
-    nats = torch.zeros((), dtype=torch.float64, device=bytes_per_token.device)
-    total_bytes = torch.zeros((), dtype=torch.long, device=bytes_per_token.device)
-    for _ in range(steps):
-        inputs, targets = next(batches)
-        losses = model(inputs, targets, loss_reduction="none").reshape(-1).double()
-        flat = targets.reshape(-1)
-        nbytes = torch.where(flat >= 0, bytes_per_token[flat.clamp(min=0)], 0)
-        nats += (losses * (nbytes > 0)).sum()
-        total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(nats)
-        dist.all_reduce(total_bytes)
-    if total_bytes.item() == 0:
+    _, _, nats, total_bytes = loss_sums(model, batches, steps, bytes_per_token)
+    if total_bytes == 0:
         raise ValueError("no target bytes to evaluate: the batches held only special tokens")
-    return nats.item() / (math.log(2) * total_bytes.item())
+    return nats / (math.log(2) * total_bytes)

@@ -39,7 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanochat.common import one_line
 from nanochat.inference.execution import (
+    ERROR_CHARS,
     KEEP_OUTPUT_CHARS,
     ExecutionResult,
     active_layer,
@@ -258,5 +260,5 @@ def check_answer(
     error = ran.error  # the answer's own failure (a crash, a timeout) says the most
     if error is None:
         last = said.strip().splitlines()[-1:] or [f"the checker exited {checker.returncode}"]
-        error = " ".join(last[0].split())[:300]
+        error = one_line(last[0], ERROR_CHARS)
     return ExecutionResult(False, ran.stdout, ran.stderr, error, ran.timeout, ran.memory_exceeded)

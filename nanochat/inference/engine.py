@@ -46,8 +46,52 @@ if TYPE_CHECKING:
     from nanochat.tokenizer import Tokenizer
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+# ``stream_events`` kind -> the assistant content part that holds it (anything else is text).
+TOOL_PART = {"python": "python", "output": "python_output"}
+
+
+def merge_parts(parts: list[dict], kind: str, text: str) -> None:
+    """Append a ``stream_events`` piece to an assistant message's content parts
+    (``{"type", "text"}``), merging it into the last part of the same type."""
+    part_type = TOOL_PART.get(kind, "text")
+    if parts and parts[-1]["type"] == part_type:
+        parts[-1]["text"] += text
+    elif text:
+        parts.append({"type": part_type, "text": text})
+
 
 # --- loading a checkpoint ------------------------------------------------------------------
+
+
+def open_chat_checkpoint(
+    base: Path,
+    source: str = "auto",
+    tag: str | None = None,
+    step: int | None = None,
+    other_flag: str | None = "-i",
+    others: tuple[str, ...] | None = None,
+):
+    """``(found, tokenizer, meta)`` of the checkpoint to chat with, before any model is
+    built: ``checkpoint.find`` picks it (``other_flag``/``others``: the hint when there is
+    none, see there), ``meta`` is its meta plus ``source``, ``tag`` and ``directory``. Every
+    problem is a one-line UsageError saying which stage to run first."""
+    from nanochat.tokenizer import Tokenizer, tokenizer_dir
+    from nanochat.training import checkpoint
+
+    kinds = checkpoint.KINDS if others is None else others
+    source, found = checkpoint.find(base, source, tag, step, other_flag, kinds)
+    try:
+        tokenizer = Tokenizer.load(tokenizer_dir(base))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(one_line(exc)) from None
+    checkpoint.model_config(found, tokenizer.vocab_size)
+    meta = {
+        **found.meta,
+        "source": source,
+        "tag": found.directory.name,
+        "directory": str(found.directory),
+    }
+    return found, tokenizer, meta
 
 
 def load_chat_model(
@@ -56,30 +100,16 @@ def load_chat_model(
     device="cpu",
     tag: str | None = None,
     step: int | None = None,
+    other_flag: str | None = "-i",
+    others: tuple[str, ...] | None = None,
 ) -> tuple[GPT, Tokenizer, dict]:
-    """``(model, tokenizer, meta)`` for chatting: the GPT in eval mode on ``device``.
-
-    ``source`` is base | mid | sft | rl | auto, ``tag`` and ``step`` pick the checkpoint
-    (``nanochat.training.checkpoint.find``: by default the newest complete one). ``meta`` is
-    the checkpoint's meta plus ``source``, ``tag`` and ``directory``. Every problem is a
-    one-line UsageError saying which stage to run first.
-    """
-    from nanochat.tokenizer import Tokenizer, tokenizer_dir
+    """``(model, tokenizer, meta)`` for chatting: the GPT in eval mode on ``device``, from
+    the checkpoint ``open_chat_checkpoint`` picks (``source`` is base | mid | sft | rl | auto;
+    ``tag`` and ``step`` default to the newest complete one)."""
     from nanochat.training import checkpoint
 
-    source, found = checkpoint.find(base, source, tag, step)
-    try:
-        tokenizer = Tokenizer.load(tokenizer_dir(base))
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(one_line(exc)) from None
-    model = checkpoint.load_model(found, device, tokenizer.vocab_size)
-    meta = {
-        **found.meta,
-        "source": source,
-        "tag": found.directory.name,
-        "directory": str(found.directory),
-    }
-    return model, tokenizer, meta
+    found, tokenizer, meta = open_chat_checkpoint(base, source, tag, step, other_flag, others)
+    return checkpoint.load_model(found, device, tokenizer.vocab_size), tokenizer, meta
 
 
 # --- the calculator tool -------------------------------------------------------------------

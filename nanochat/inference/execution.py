@@ -82,6 +82,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.common import one_line
 from nanochat.inference.sandbox import (
     NOBODY,
     PROGRAM_INSIDE,
@@ -96,6 +97,7 @@ from nanochat.inference.sandbox import (
 
 MAX_OUTPUT_BYTES = 16 << 20  # RLIMIT_FSIZE: no file the child writes may grow past this
 KEEP_OUTPUT_CHARS = 1 << 20  # of stdout and of stderr, returned to the caller
+ERROR_CHARS = 300  # an error's one line
 MAX_REPORT_BYTES = 1 << 20  # what the parent reads back from the proof pipe
 CHILD_PATH = "/usr/bin:/bin"
 # Imports what the runner has not: they must still work as uid 65534 (see "remap").
@@ -343,11 +345,6 @@ _run(code)
 """
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _read(path: Path) -> str:
     with open(path, "rb") as f:
         data = f.read(KEEP_OUTPUT_CHARS * 4 + 4)
@@ -492,7 +489,7 @@ def _judge(
             why = said[0] if lines[0] != b"started" else said[-1]
         else:
             why = f"exit status {returncode}"
-        raise SandboxError(layer.name, _one_line(why))
+        raise SandboxError(layer.name, one_line(why, ERROR_CHARS))
     report = None
     for line in reversed(lines[2:]):
         if line.strip():
@@ -520,7 +517,9 @@ def _judge(
         error = f"CPU time limit ({cpu_s} s) exceeded"
     elif status.get("type") is not None:
         said = status.get("error") or status["type"]
-        error = _one_line(said if isinstance(said, str) else "a malformed report from the runner")
+        error = one_line(
+            said if isinstance(said, str) else "a malformed report from the runner", ERROR_CHARS
+        )
     elif returncode != 0:
         how = f"killed by signal {signum}" if signum else f"exited with code {returncode}"
         error = f"the program stopped before its end ({how})"
@@ -538,11 +537,11 @@ def _probe(layer: Layer) -> str | None:
     try:
         result = _run(layer, PROBE_PROGRAM, PROBE_TIMEOUT_S, 512)
     except SandboxError as exc:
-        return _one_line(exc.why)
+        return one_line(exc.why, ERROR_CHARS)
     except OSError as exc:
-        return _one_line(str(exc))
+        return one_line(str(exc), ERROR_CHARS)
     if not result.success:
-        return _one_line(f"{result.error}; {result.stderr}")
+        return one_line(f"{result.error}; {result.stderr}", ERROR_CHARS)
     if layer.drop_uid and result.stdout != f"{NOBODY}\n":
         return f"the program ran as uid {result.stdout.strip()!r}, not {NOBODY}"
     return None

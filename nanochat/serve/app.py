@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 import nanochat
 from nanochat.common import UsageError, log, one_line
-from nanochat.inference.engine import load_chat_model
+from nanochat.inference.engine import open_chat_checkpoint
 from nanochat.serve.api import (
     MAX_BODY_BYTES,
     ApiError,
@@ -301,13 +301,16 @@ def load_workers(
         devices = [f"cuda:{i % gpus}" for i in range(count or gpus)]
     else:
         devices = ["cpu"] * (count or 1)
-    loaded: dict[str, tuple] = {}
+    from nanochat.training import checkpoint
+
+    # Found, checked and its tokenizer read once; the weights loaded once per device.
+    found, tokenizer, meta = open_chat_checkpoint(base, source, tag, step, "--source")
+    models: dict[str, object] = {}
     workers = []
     for i, device in enumerate(devices):
-        if device not in loaded:
-            loaded[device] = load_chat_model(base, source, device, tag, step)
-        model, tokenizer, meta = loaded[device]
-        workers.append(Worker(i, model, tokenizer, device))
+        if device not in models:
+            models[device] = checkpoint.load_model(found, device, tokenizer.vocab_size)
+        workers.append(Worker(i, models[device], tokenizer, device))
     return workers, meta
 
 

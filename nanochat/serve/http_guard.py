@@ -117,12 +117,7 @@ def host_name(value: str) -> str:
 def _allowed_name(name: str, allowed: frozenset[str]) -> bool:
     """Whether a Host name is served: one of ``allowed`` or a loopback name (localhost, any
     127/8 address, ::1), which no other site's page can send for a name of its own."""
-    if name in allowed or name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return name in allowed or is_loopback(name)
 
 
 def _netloc(value: str, scheme: str) -> str:

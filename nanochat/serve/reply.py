@@ -16,10 +16,9 @@ import uuid
 
 from starlette.requests import Request
 
+from nanochat.inference.engine import TOOL_PART, merge_parts
 from nanochat.serve.api import ApiError
 from nanochat.serve.pool import Finish, Job, Outcome
-
-TOOL_PART = {"python": "python", "output": "python_output"}  # engine event -> part type
 
 # How a python call and its output read inline in `content`: closing the previous kind of
 # piece, then opening the next (python -> output gives "\n```\n= ").
@@ -65,15 +64,6 @@ class Inline:
         delta = self._tool(self.kind, _CLOSE[self.kind], "")
         self.kind = "text"
         return [delta]
-
-
-def merge_parts(parts: list[dict], kind: str, text: str) -> None:
-    """Append an event to message parts, merging it into the last part of the same type."""
-    part_type = TOOL_PART.get(kind, "text")
-    if parts and parts[-1]["type"] == part_type:
-        parts[-1]["text"] += text
-    elif text:
-        parts.append({"type": part_type, "text": text})
 
 
 def _sse(payload: dict | str) -> bytes:

@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import CliParser, UsageError, add_resume_argument, log, positive_int
-from nanochat.training.train_loop import StepResult, Trainer
+from nanochat.common import CliParser, UsageError, log, positive_int
+from nanochat.training.train_loop import StepResult, Trainer, add_loop_arguments
 
 VAL_FRACTION = 0.05
 MAX_VAL_ITEMS = 500
@@ -43,14 +43,8 @@ def add_arguments(p: CliParser, *, eval_every: int, save_every: int) -> None:
     p.add_argument("--num-steps", type=positive_int, help="steps (default: one epoch)")
     p.add_argument("--eval-every", type=int, default=eval_every, help="val eval every N (0=end)")
     p.add_argument("--eval-batches", type=positive_int, default=20, help="val batches per eval")
-    p.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N (0=end)")
-    p.add_argument("--stop-at", type=positive_int, help="stop with a checkpoint after this step")
-    add_resume_argument(p)
     p.add_argument("--tasks", choices=("embedded", "hub"), default="hub", help="task data")
-    p.add_argument("--tag", help="checkpoint folder (default: the source checkpoint's tag)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    add_loop_arguments(p, save_every=save_every, tag_help="default: the source checkpoint's tag")
     p.add_argument(
         "--warm-start",
         choices=("auto", "off"),
@@ -188,8 +182,6 @@ class ChatTraining(Trainer):
                     f"processes = {micro}"
                 )
             self.accumulation = total_batch // micro
-            render = self.tokenizer.render_conversation
-            epoch_units = sum(len(render(c, self.seq_len + 1)[0]) for c in self.train_task)
             per_step = total_batch
         else:
             examples = getattr(args, "examples_per_step", None) or rows_per_step
@@ -200,9 +192,18 @@ class ChatTraining(Trainer):
                 )
             self.accumulation = examples // rows_per_step
             total_batch = examples * self.seq_len  # for the LR scaling only
-            epoch_units, per_step = len(self.train_task), examples
-        self.num_steps = args.num_steps or max(1, epoch_units // per_step)
+            per_step = examples
+        self.num_steps = args.num_steps or max(1, self._epoch_units() // per_step)
         return total_batch
+
+    def _epoch_units(self) -> int:
+        """One epoch of the training mixture in this stage's units: tokens when packed (every
+        conversation rendered: only done when --num-steps leaves the epoch to decide), else
+        conversations."""
+        if not self.stage.packed:
+            return len(self.train_task)
+        render = self.tokenizer.render_conversation
+        return sum(len(render(c, self.seq_len + 1)[0]) for c in self.train_task)
 
     def _loader(self, task):
         from nanochat.data.chat_data import PackedConversations, PaddedConversations
@@ -219,25 +220,14 @@ class ChatTraining(Trainer):
         bytes of special tokens count neither way (as in pretraining's val bpb)."""
         import torch
 
-        rt = self.rt
+        from nanochat.evaluation.loss_eval import loss_sums
+
         val = self._loader(self.val_task)
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
-        with torch.no_grad(), rt.autocast():
-            for _ in range(self.args.eval_batches):
-                inputs, targets = val.next_batch()
-                nats = self.forward(inputs, targets, loss_reduction="none").double().reshape(-1)
-                flat = targets.reshape(-1)
-                nbytes = torch.where(flat >= 0, self.bytes_per_token[flat.clamp(min=0)], 0)
-                sums += torch.stack(
-                    [nats.sum(), (flat >= 0).sum(), (nats * (nbytes > 0)).sum(), nbytes.sum()]
-                ).double()
+        with torch.no_grad(), self.rt.autocast():
+            sums = loss_sums(self.forward, iter(val), self.args.eval_batches, self.bytes_per_token)
         self.model.train()
-        if rt.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(sums)
-        nats_all, tokens, nats_text, text_bytes = sums.tolist()
+        nats_all, tokens, nats_text, text_bytes = sums
         return nats_all / max(tokens, 1), nats_text / (math.log(2) * max(text_bytes, 1))
 
     def run_extra(self, at: int) -> None:

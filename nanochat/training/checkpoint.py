@@ -168,24 +168,32 @@ def steps(directory: Path) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def verify(directory: Path, step: int, check_hash: bool = True) -> dict:
-    """The checkpoint's meta when every file is there with its recorded size (and hash);
-    otherwise a CheckpointError saying which file is wrong."""
+def verify(directory: Path, step: int, check_hash: bool | str = True) -> dict:
+    """The checkpoint's meta when every file is there with its recorded size and hash;
+    otherwise a CheckpointError saying which file is wrong. ``check_hash``: True hashes every
+    file, False none, "model" only the weights (what a loader of the model reads: the
+    optimizer shards of every rank can be many times its size)."""
     path = meta_file(directory, step)
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path.name} is unreadable ({exc})") from None
+    model_name = model_file(directory, step).name
     for name, want in meta.get("files", {}).items():
-        f = Path(directory) / name
-        if not f.is_file():
-            raise CheckpointError(f"{name} is missing")
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(f"{name} has {size} bytes, expected {want['bytes']} (truncated?)")
-        if check_hash and file_sha256(f) != want["sha256"]:
-            raise CheckpointError(f"{name} does not match its recorded sha256 (damaged)")
+        hashed = check_hash is True or (check_hash == "model" and name == model_name)
+        check_file(Path(directory) / name, want, hashed)
     return meta
+
+
+def check_file(f: Path, want: dict, hashed: bool = True) -> None:
+    """CheckpointError unless ``f`` has its recorded size (and sha256, when ``hashed``)."""
+    if not f.is_file():
+        raise CheckpointError(f"{f.name} is missing")
+    size = f.stat().st_size
+    if size != want["bytes"]:
+        raise CheckpointError(f"{f.name} has {size} bytes, expected {want['bytes']} (truncated?)")
+    if hashed and file_sha256(f) != want["sha256"]:
+        raise CheckpointError(f"{f.name} does not match its recorded sha256 (damaged)")
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,7 @@ class Found:
     meta: dict
 
 
-def latest(directory: Path, check_hash: bool = True) -> Found | None:
+def latest(directory: Path, check_hash: bool | str = True) -> Found | None:
     """The newest usable checkpoint, or None. Damaged ones are reported and skipped."""
     for step in steps(directory):
         try:
@@ -308,15 +316,21 @@ def load_model_state(found: Found, device: str | torch.device = "cpu") -> dict:
     return torch.load(model_file(found.directory, found.step), map_location=device)
 
 
-def load_rank_state(found: Found, rank: int, device: str | torch.device = "cpu") -> dict:
+def load_rank_state(
+    found: Found, rank: int, device: str | torch.device = "cpu", check_hash: bool = False
+) -> dict:
+    """One rank's optimizer shard, data position and RNG states. ``check_hash``: check the
+    file against its record first (``find`` hashed only the model file)."""
     if rank >= found.meta["world_size"]:
         raise CheckpointError(
             f"checkpoint step {found.step} was written by {found.meta['world_size']} process(es); "
             f"resume with the same GPUS (rank {rank} has no state)"
         )
-    return torch.load(
-        rank_file(found.directory, found.step, rank), map_location=device, weights_only=False
-    )
+    path = rank_file(found.directory, found.step, rank)
+    recorded = found.meta.get("files", {}).get(path.name)
+    if check_hash and recorded:
+        check_file(path, recorded)
+    return torch.load(path, map_location=device, weights_only=False)
 
 
 def _prune(directory: Path, keep_last: int) -> None:
@@ -376,15 +390,17 @@ def find(
     kind: str = "auto",
     tag: str | None = None,
     step: int | None = None,
-    other_kinds_flag: str | None = "-i",
+    other_flag: str | None = "-i",
+    others: tuple[str, ...] = KINDS,
 ) -> tuple[str, Found]:
-    """(kind, Found) of the checkpoint to load; UsageError naming the stage to run otherwise.
+    """(kind, Found) of the checkpoint whose model to load; UsageError naming the stage to
+    run otherwise. Only the model file's hash is checked (the loader reads nothing else).
 
     ``kind`` is base | mid | sft | rl | auto (the first of rl, sft, mid, base with a
     checkpoint); ``tag`` defaults to the folder whose newest complete checkpoint is the most
-    recent, ``step`` to its latest complete step. When there is none of ``kind`` but another
-    kind exists, the error suggests ``<other_kinds_flag> <that kind>`` (None: the caller takes
-    only one kind)."""
+    recent, ``step`` to its latest complete step. When there is none of ``kind`` but one of
+    ``others`` (the kinds the caller accepts) exists, the error suggests
+    ``<other_flag> <that kind>`` (``other_flag`` None: no suggestion)."""
     base = Path(base)
     if kind not in (*KINDS, "auto"):
         raise UsageError(f"unknown source {kind!r}; choose one of: {', '.join(KINDS)}, auto")
@@ -397,8 +413,8 @@ def find(
     tags = _complete_tags(base, kind)
     fix = f"run `make {MAKE_TARGET[kind]}` first"
     if not tags:
-        others = [k for k in AUTO_ORDER if k != kind and _has_tag(base, k, None)]
-        hint = f" (or {other_kinds_flag} {others[0]})" if others and other_kinds_flag else ""
+        there = [k for k in AUTO_ORDER if k != kind and k in others and _has_tag(base, k, None)]
+        hint = f" (or {other_flag} {there[0]})" if there and other_flag else ""
         raise UsageError(f"no {kind} checkpoint under {root}: {fix}{hint}")
     if tag is None:
         directory = max(tags)[1]
@@ -408,7 +424,7 @@ def find(
             have = ", ".join(folder.name for _, folder in tags)
             raise UsageError(f"no complete {kind} checkpoint in {directory} (tags: {have})")
     if step is None:
-        found = latest(directory)
+        found = latest(directory, check_hash="model")
         if found is None:
             raise UsageError(f"no usable checkpoint in {directory}: {fix} (or pick another --tag)")
         return kind, found
@@ -417,7 +433,7 @@ def find(
         have = ", ".join(map(str, available)) or "none"
         raise UsageError(f"no checkpoint of step {step} in {directory} (steps: {have})")
     try:
-        return kind, Found(directory, step, verify(directory, step))
+        return kind, Found(directory, step, verify(directory, step, check_hash="model"))
     except CheckpointError as exc:
         raise UsageError(f"checkpoint step {step} in {directory} is not usable: {exc}") from None
 

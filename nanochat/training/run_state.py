@@ -87,7 +87,7 @@ def compiled(model, mode: str, rt):
     return model
 
 
-def save(ckpt_dir, step, run_config, config, model, optimizer, position, rt, bpb) -> None:
+def save(ckpt_dir, step, run_config, model, optimizer, position, rt, bpb) -> None:
     """A checkpoint of this step: the model (rank 0), each rank's optimizer shard, data
     ``position`` and RNG states, and the meta (configs, ``val_bpb``)."""
     import torch
@@ -105,7 +105,7 @@ def save(ckpt_dir, step, run_config, config, model, optimizer, position, rt, bpb
         },
     }
     meta = {
-        "model_config": dataclasses.asdict(config),
+        "model_config": dataclasses.asdict(model.config),
         "run_config": run_config,
         "val_bpb": bpb,
     }
@@ -217,7 +217,7 @@ def warm_start(optimizer, source_meta: dict, rt) -> str | None:
     else:
         found = checkpoint.Found(Path(source_meta["directory"]), source_meta["step"], source_meta)
         try:
-            state = checkpoint.load_rank_state(found, rt.rank, rt.device)
+            state = checkpoint.load_rank_state(found, rt.rank, rt.device, check_hash=True)
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             why = f"its rank {rt.rank} state is unreadable ({one_line(exc)})"
         else:

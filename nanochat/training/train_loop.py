@@ -22,7 +22,30 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat.common import atomic_write_text, log, sweep_temp_files
+from nanochat.common import (
+    add_resume_argument,
+    atomic_write_text,
+    log,
+    positive_int,
+    sweep_temp_files,
+)
+
+
+def add_loop_arguments(p, *, save_every: int, tag_help: str, compile: bool = True) -> None:
+    """The flags every trainer shares, read by ``run`` and ``run_state``: --save-every,
+    --stop-at, --resume, --tag, --run (wandb), --seed and (``compile``) --compile."""
+    p.add_argument(
+        "--save-every", type=int, default=save_every, help="checkpoint every N (0 = end)"
+    )
+    p.add_argument(
+        "--stop-at", type=positive_int, help="stop with a checkpoint after this step (time-boxing)"
+    )
+    add_resume_argument(p)
+    p.add_argument("--tag", help=f"checkpoint folder ({tag_help})")
+    p.add_argument("--run", default="dummy", help="wandb run name; dummy = off")
+    p.add_argument("--seed", type=int, default=42)
+    if compile:
+        p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
 
 
 def set_schedule(optimizer, step: int, lr_multiplier: float) -> None:
@@ -208,8 +231,8 @@ class Trainer:
         from nanochat.training import run_state
 
         run_state.save(
-            self.ckpt_dir, step, self.run_config, self.model.config, self.model, self.optimizer,
-            self.position, self.rt, self.bpb,
+            self.ckpt_dir, step, self.run_config, self.model, self.optimizer, self.position,
+            self.rt, self.bpb,
         )  # fmt: skip
 
     def finish(self, step: int, record: RunRecord) -> None:

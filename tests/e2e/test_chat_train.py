@@ -222,3 +222,10 @@ def test_sft_from_mid_without_a_mid_checkpoint_is_one_line(based):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "run make midtrain first (or --source base)" in result.stderr
+
+
+def test_a_context_longer_than_the_models_is_one_line_before_any_work(based):
+    result = run("mid_train", ["--num-steps=1", "--seq-len=65"])  # the model holds 64
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: --seq-len 65 exceeds the model's 64")
+    assert not (based / "mid_checkpoints").exists() and not (based / "logs").exists()

@@ -233,14 +233,15 @@ def test_chat_cli_in_a_terminal_is_a_real_repl(image, smoke):
             if ready:
                 try:
                     seen += os.read(controller, 4096)
-                except OSError:  # the session ended
-                    break
+                except OSError:  # the session ended before the text came
+                    pytest.fail(f"the REPL ended before {text!r}: {seen[-2000:]!r}")
 
     try:
         read_until(b"you> ", 120)
         os.write(controller, b"Hello there\r")
         read_until(b"Hello there\r\n", 30)  # the terminal's echo of the whole line
         read_until(b"you> ", 60)  # answered, and asking again: a real multi-turn REPL
+        assert seen.count(b"you> ") >= 2
         os.write(controller, b"/quit\r")
         assert session.wait(timeout=60) == 0
     finally:

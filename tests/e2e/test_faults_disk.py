@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, cli_env, toy_texts, write_corpus
-from helpers.pretrain import SMALL, train
+from helpers.pretrain import SMALL, lock_of, train
 
 from nanochat import common
 from nanochat.training import checkpoint, train_loop
@@ -210,16 +210,10 @@ def test_a_run_lock_that_cannot_be_written_leaves_no_empty_lock_behind(small_dis
 
 
 def test_an_empty_lock_left_by_a_killed_start_is_taken_over(toy):
-    lock = run_lock_path(toy)
+    lock = lock_of(toy)
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text("")  # killed between creating the file and writing its record
     os.utime(lock, (0, 0))
     result = train([*RUN, "--stop-at=1"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "took over the lock on d2 held by an unreadable lock file" in result.stderr
-
-
-def run_lock_path(base: Path) -> Path:
-    from nanochat.training import run_lock
-
-    return run_lock.lock_path(checkpoint.checkpoint_dir(base, "base", "d2"))

@@ -97,8 +97,10 @@ def test_make_exits_1_when_the_stage_fails(base_dir):
     assert "Error" not in result.stderr.splitlines()[-1]
 
 
-def test_make_exits_143_when_the_stage_is_killed_by_sigterm(toy):
-    """As a script sees it: `make pretrain ...; echo $?` prints 143."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_make_exits_128_plus_n_when_the_stage_is_stopped_by_signal_n(toy, sig):
+    """As a script sees it: `make pretrain ...; echo $?` prints 143 (SIGTERM) or 130 (Ctrl-C,
+    which make itself waits out, unlike SIGTERM)."""
     args = f"{' '.join(SMALL)} --num-steps=100000 --eval-every=0 --core-every=0"
     script = f"make pretrain BASE_DIR='{toy}' ARGS='{args}'; echo \"exit $?\""
     shell = subprocess.Popen(
@@ -106,9 +108,9 @@ def test_make_exits_143_when_the_stage_is_killed_by_sigterm(toy):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     pid = wait_for(lambda: holder_pid(toy), "the trainer to start")
-    os.kill(pid, signal.SIGTERM)  # the trainer alone: it saves, then exits 143
+    os.kill(pid, sig)  # the trainer alone: it saves, then exits 128 + sig
     out, err = shell.communicate(timeout=120)
-    assert out.strip().splitlines()[-1] == "exit 143", err[-2000:]
+    assert out.strip().splitlines()[-1] == f"exit {128 + sig}", err[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,14 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import REPO, VENV_BIN
+from conftest import REPO, cli_env
 
 from nanochat.training import checkpoint
 
 
 def sigterm_after_step_two(argv: list[str], ckpt_dir: Path):
     """Run ``argv``, SIGTERM it after step 2; (the checkpoint it left, its stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
+    env = cli_env({"OMP_NUM_THREADS": "1"})
     proc = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from helpers.builders import synthetic_corpus
 
 from nanochat.common import run_main
@@ -31,8 +32,6 @@ from nanochat.evaluation.eval_bundle import (
 )
 from nanochat.offline import embedded_core
 from nanochat.tokenizer import Tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
 
 # A byte-level vocabulary plus a few merges, so that some words are single tokens.
 MERGES = [b"ca", b"cat", b" d", b"og", b" dog", b"he", b" t", b" the"]

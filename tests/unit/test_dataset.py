@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 
 from nanochat.data import dataset, download, shards
 from nanochat.offline import embedded_corpus
 from scripts import download as download_cli
 
-REPO = Path(__file__).resolve().parents[2]
 VAL = dataset.REMOTE_DATASETS["climbmix"].validation_index  # 6542
 
 

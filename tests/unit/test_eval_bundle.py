@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import zipfile
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 from helpers.builders import synthetic_corpus
 
 from nanochat.evaluation import bundle_fetch, eval_bundle
@@ -34,9 +34,6 @@ from nanochat.evaluation.eval_bundle import (
     TaskSpec,
 )
 from nanochat.offline import embedded_core
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 # ----------------------------------------------------------------------------- bundle format
 

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.hub import ParquetHub
 
+from nanochat.common import run_main
+from nanochat.data.shards import folder_lock
 from nanochat.tasks import GSM8K
 from nanochat.tasks.hub import task_data_dir, verify_file
 from scripts import task_data
@@ -129,3 +131,16 @@ def test_embedded_is_a_no_op_and_bad_input_exits_2(base_dir, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and needle in err
     assert not base_dir.exists()  # nothing was written for any of these
+
+
+def test_a_second_run_into_a_locked_folder_is_one_line_and_exit_2(hub, base_dir, capsys):
+    hub.split("train", [parquet_bytes(gsm_rows("a"))])
+    hub.split("test", [parquet_bytes(gsm_rows("t"))])
+    root = base_dir / "task_data"
+    with folder_lock(root, what="task-data"), pytest.raises(SystemExit) as info:
+        run_main(lambda: fetch(hub))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: another task-data run is writing")
+    assert hub.requests == [] and sorted(p.name for p in root.iterdir()) == [".lock"]
+    assert fetch(hub) == 0  # once the first run is done, the same command works

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from nanochat import tokenizer as tokmod
+from nanochat.common import run_main
 from nanochat.data.shards import data_dir, list_shards, shard_name, write_shard
 from nanochat.tokenizer import (
     MIN_VOCAB_SIZE,
@@ -28,7 +30,6 @@ from nanochat.tokenizer import (
 )
 from scripts import tok_eval, tok_train
 
-REPO = Path(__file__).resolve().parents[2]
 VOCAB = 512
 
 SYLLABLES = "ka lo mi ne ru sa ti vo ze the and ing ion er re st pro con".split()
@@ -493,7 +494,7 @@ def test_reference_encodings_need_a_valid_cache_file(tmp_path, monkeypatch):
 def test_tok_eval_without_tokenizer_exits_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        tok_eval.main([])
+        run_main(lambda: tok_eval.main([]))  # as `python -m scripts.tok_eval` runs it
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "run `make tokenizer` first" in err
