@@ -86,7 +86,7 @@ pass_code = $(QUIET_MAKE) $(1); code=$$?; case $$code in 129|130|131|134|137|141
 # The venv's bin/ first, so `python` and `torchrun` in stage commands are the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup test browser docker-engine sandbox lint bench bench-engine lock speedrun docker-build docker-shell volume-ls volume-get \
+.PHONY: help setup test browser docker-engine sandbox lint bench bench-engine ablate lock speedrun docker-build docker-shell volume-ls volume-get \
 	$(STAGES)
 
 help:
@@ -159,11 +159,17 @@ sandbox:
 lint: $(FULL_STAMP)
 	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke lint)
 
+# The bench tools take BASE_DIR and DRY_RUN like the stages (DRY_RUN prints the command).
+TOOL_FLAGS = $(if $(call given,BASE_DIR),--base-dir=$(call quote,$(call knob,BASE_DIR))) $(if $(call given,DRY_RUN),$(call check_switch,DRY_RUN)$(if $(filter on,$(call switch,,$(call knob,DRY_RUN))),--dry-run))
+
 bench: $(FULL_STAMP)
-	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke bench $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke bench $(TOOL_FLAGS) $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
 
 bench-engine: $(FULL_STAMP)
-	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke bench-engine $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke bench-engine $(TOOL_FLAGS) $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
+
+ablate: $(FULL_STAMP)
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke ablate $(TOOL_FLAGS) $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
 
 Makefile pyproject.toml: ;
 

@@ -84,14 +84,36 @@ def lint(c):
     _run(c, [sys.executable, "-m", "ruff", "format", "--check", "."])
 
 
-def bench(c, args=""):
+def _tool(c, module: str, args: str, base_dir, dry_run: bool) -> None:
+    """Run a bench tool against BASE_DIR (the knob, else $NANOCHAT_BASE_DIR, else the
+    default), or with DRY_RUN print the exact command and stop."""
+    argv = [sys.executable, "-m", module, *shlex.split(args)]
+    base = resolve_base_dir(base_dir)
+    if dry_run:
+        print(shlex.join(argv))
+        print(f"# dry run: nothing ran; the command gets NANOCHAT_BASE_DIR={base}")
+        return
+    result = c.run(shlex.join(argv), warn=True, pty=False, env={"NANOCHAT_BASE_DIR": str(base)})
+    if result.exited:
+        raise Exit(code=result.exited)
+
+
+TOOL_HELP = {"base_dir": "artifacts root (BASE_DIR)", "dry_run": "print the command, run nothing"}
+
+
+def bench(c, args="", base_dir=None, dry_run=False):
     """benchmark a training step (tokens/s, MFU); --record appends to docs/benchmarks.md"""
-    _run(c, [sys.executable, "-m", "scripts.bench_train", *shlex.split(args)])
+    _tool(c, "scripts.bench_train", args, base_dir, dry_run)
 
 
-def bench_engine(c, args=""):
-    """benchmark inference: first token, decode tokens/s at batch 1 and 8"""
-    _run(c, [sys.executable, "-m", "scripts.bench_engine", *shlex.split(args)])
+def ablate(c, args="", base_dir=None, dry_run=False):
+    """ablate the recipe on the CPU (each feature on/off, 3 seeds; resumable, hours)"""
+    _tool(c, "scripts.ablate", args, base_dir, dry_run)
+
+
+def bench_engine(c, args="", base_dir=None, dry_run=False):
+    """benchmark inference: first token, decode tokens/s at batch 1 and 8 (greedy, warmed up)"""
+    _tool(c, "scripts.bench_engine", args, base_dir, dry_run)
 
 
 def lock(c):
@@ -140,8 +162,19 @@ ns.add_task(
 ns.add_task(Task(test, help={"args": "extra pytest arguments"}))
 ns.add_task(Task(lint))
 ns.add_task(Task(lock))
-ns.add_task(Task(bench_engine, name="bench-engine", help={"args": "e.g. '--source base --record'"}))
-ns.add_task(Task(bench, help={"args": "flags for scripts.bench_train, e.g. '--depth=20 --record'"}))
+ns.add_task(
+    Task(
+        bench_engine,
+        name="bench-engine",
+        help={"args": "e.g. '--source base --record'", **TOOL_HELP},
+    )
+)
+ns.add_task(
+    Task(ablate, help={"args": "flags for scripts.ablate, e.g. '--depths 4 --table'", **TOOL_HELP})
+)
+ns.add_task(
+    Task(bench, help={"args": "flags for scripts.bench_train, e.g. '--depth=20'", **TOOL_HELP})
+)
 ns.add_task(Task(docker_build, name="docker-build"))
 ns.add_task(Task(docker_shell, name="docker-shell", help={"base_dir": "artifacts root to mount"}))
 ns.add_task(Task(volume_ls, name="volume-ls", help={"path": "folder under BASE_DIR"}))

@@ -27,6 +27,7 @@ OTHER_TARGETS = (
     ("lint", "ruff check + format check"),
     ("bench", "time a training step: ARGS='--depth=20 --record' (docs/benchmarks.md)"),
     ("bench-engine", "time inference: first token, tokens/s at batch 1 and 8 (--record)"),
+    ("ablate", "ablate the recipe on the CPU, 3 seeds per cell (hours; --table prints it)"),
     ("lock", "re-resolve uv.lock (the image's pins) after changing dependencies"),
     ("help", "this page"),
 )
@@ -59,7 +60,7 @@ def help_text() -> str:
         "Examples:",
         "  make tokenizer PRESET=tiny                      # embedded corpus + BPE, offline",
         "  make pretrain DEPTH=12 GPUS=8 DRY_RUN=1         # print the exact torchrun command",
-        "  make download PRESET=speedrun                   # 150 ClimbMix shards + validation",
+        "  make download PRESET=speedrun                   # 142 ClimbMix shards + validation",
         "  make tokenizer BACKEND=docker DRY_RUN=1         # the same command, in the image",
         "  make speedrun PRESET=speedrun BACKEND=modal DETACH=1   # on Modal, laptop-free",
     ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+from backends.presets import PRETRAIN_RECIPES
 from nanochat.common import UsageError
 
 
@@ -155,7 +156,8 @@ STAGES: tuple[Stage, ...] = (
                 "--lr-scale=4",
                 "--num-steps=80",
                 "--eval-every=40",
-                "--eval-batches=8",
+                # 10 x 16 rows x 256 = 41K tokens: the whole embedded val split (36K), once
+                "--eval-batches=10",
                 "--save-every=40",
             ),
             "smoke": (
@@ -165,9 +167,9 @@ STAGES: tuple[Stage, ...] = (
                 "--eval-batches=1",
                 "--save-every=3",
             ),
-            # GPT-2 grade as upstream reached it: tokens = 8 x scaling params,
-            # fp8 matmuls on H100. The preset's shards and its price follow from these.
-            "gpt2": ("--ratio=8", "--fp8"),
+            # The GPU presets' ratio, fp8 and windows, from their one table (which also
+            # sizes their shards; the price follows from these flags).
+            **{name: recipe.flags() for name, recipe in PRETRAIN_RECIPES.items()},
         },
         done="report/pretrain.md",
         explain="scripts.base_train:explain",

@@ -9,8 +9,8 @@
 Loads the latest complete checkpoint of ``BASE_DIR/base_checkpoints/<tag>/`` (default: the tag
 whose newest checkpoint is the most recent) and rebuilds the model from its meta. Then:
 
-- bits per byte on ``--bpb-steps`` packed batches of the training shards and of the
-  validation shard (nanochat/evaluation/loss_eval.py);
+- bits per byte on the first ``--bpb-steps`` batches of the training shards and of the
+  validation shard, each token scored once in a fixed order (nanochat/evaluation/loss_eval.py);
 - CORE (nanochat/evaluation/core_eval.py) on the DCLM bundle, downloaded on first use into
   ``BASE_DIR/eval_bundle/`` (``--source`` names a mirror URL or a local zip), or on the
   embedded miniature bundle built from the stdlib corpus (``--bundle=embedded``);
@@ -110,17 +110,16 @@ def build_parser() -> CliParser:
 
 
 def bits_per_byte(model, tokenizer, paths, batch: int, seq_len: int, steps: int, rt) -> float:
-    from nanochat.data.dataloader import PackedLoader, row_groups
+    """Over the split's first ``steps`` x ``batch`` x processes rows, each token scored once
+    in a fixed order (``EvalRows``), so two runs and two models compare."""
+    from nanochat.data.dataloader import EvalRows
     from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
 
-    rank, world = rt.rank, rt.world_size
-    if len(row_groups(paths)) < world:
-        # Too few row groups to split: every rank reads all of them. The sums are then
-        # all-reduced W times over, which leaves their ratio, bpb, unchanged.
-        rank, world = 0, 1
-    loader = PackedLoader(paths, tokenizer, batch, seq_len, rank, world, rt.device)
+    rows = EvalRows(paths, tokenizer, batch, seq_len, steps * batch * rt.world_size, rt.device)
     with rt.autocast():
-        return evaluate_bpb(model, iter(loader), steps, token_bytes(tokenizer, rt.device))
+        return evaluate_bpb(
+            model, rows.batches(rt.rank, rt.world_size), None, token_bytes(tokenizer, rt.device)
+        )
 
 
 # --- outputs -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from nanochat.common import (
     run_main,
 )
 from nanochat.model.dial import SEQ_LEN
+from nanochat.training import recipe
 from nanochat.training.train_loop import (
     StepResult,
     Trainer,
@@ -57,13 +58,19 @@ def build_parser() -> CliParser:
     )
     p.add_argument("--num-steps", type=positive_int, help="steps (default: from --ratio)")
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (0 = end)")
-    p.add_argument("--eval-batches", type=positive_int, default=20, help="val batches per eval")
+    p.add_argument(
+        "--eval-batches",
+        type=positive_int,
+        default=20,
+        help="val batches per eval and process, each val token scored once (default 20)",
+    )
     p.add_argument("--core-every", type=int, default=2000, help="CORE every N steps (0 = off)")
     p.add_argument("--core-bundle", choices=("dclm", "embedded"), default="dclm")
     p.add_argument("--core-max-per-task", type=positive_int, default=500)
     p.add_argument("--sample-every", type=int, default=2000, help="samples every N (0 = off)")
     add_loop_arguments(p, save_every=1000, tag_help="default d<depth>")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls (H100, torchao)")
+    recipe.add_arguments(p)
     return p
 
 
@@ -108,16 +115,20 @@ class Pretraining(Trainer):
         from nanochat.training import checkpoint, optim, run_state
 
         self.args, self.rt, self.tokenizer, self.base = args, rt, tokenizer, base
-        self.val_path = val_path
+        self.val_path, self.val_rows = val_path, None
         # checked before any work: a missing wandb is bad input
         self.wandb_run = run_state.start_wandb(args.run, rt)
         if args.fp8 and rt.device.type != "cuda":
             raise UsageError("--fp8 needs a CUDA GPU (H100 class); drop it on this machine")
         run_state.seed(args.seed)
         check_memory(args, tokenizer.vocab_size, rt)
-        self.config = gpt.config_for_depth(
-            args.depth, tokenizer.vocab_size, sequence_len=args.seq_len
-        )
+        try:
+            self.config = gpt.config_for_depth(
+                args.depth, tokenizer.vocab_size, sequence_len=args.seq_len,
+                **recipe.model_options(args),
+            )  # fmt: skip
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         self.model = gpt.build_model(self.config, rt.device)
         self.scaling = gpt.scaling_params(self.model)
         self.dial = dial.plan(
@@ -129,9 +140,13 @@ class Pretraining(Trainer):
                 f"dial counts {self.dial.scaling} scaling params, the model {self.scaling}"
             )
         self.total_batch, self.num_steps = self.dial.total_batch, self.dial.steps
-        self.optimizer = optim.build_optimizer(
-            gpt.param_groups(self.model), self.config.n_embd, self.total_batch
+        self.weight_decay = dial.scaled_weight_decay(
+            args.weight_decay, args.depth, tokenizer.vocab_size, self.total_batch
         )
+        self.optimizer = optim.build_optimizer(
+            gpt.param_groups(self.model), self.config.n_embd, self.total_batch,
+            weight_decay=self.weight_decay, **recipe.optimizer_options(args),
+        )  # fmt: skip
         run_state.scale_lrs(self.optimizer, args.lr_scale)
         self.loader = PackedLoader(
             train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size,
@@ -148,6 +163,7 @@ class Pretraining(Trainer):
             "dataset": args.dataset,
             "world_size": rt.world_size,
             "lr_scale": args.lr_scale,
+            **recipe.as_config(args),
         }
         self.position = self.loader
         self.start_or_resume(args.resume)
@@ -158,11 +174,14 @@ class Pretraining(Trainer):
         if args.core_every and self.num_steps >= args.core_every:
             self.bundle = core_bundle(args, base, rt)
         if args.fp8:
+            from nanochat.model.fp8 import use_fp8
+
             use_fp8(self.model)
         self.forward = run_state.compiled(self.model, args.compile, rt)
         if rt.master:
             for line in self.dial.describe():
                 log(line)
+            log(f"{recipe.describe(args)} (decay here {self.weight_decay:.4g})")
             log(
                 f"pretrain d{args.depth}: accumulation {self.dial.accumulation}, "
                 f"{rt.world_size} process(es), {rt.dtype} on {rt.device.type}, "
@@ -170,22 +189,37 @@ class Pretraining(Trainer):
             )
 
     def val_bpb(self) -> float:
-        from nanochat.data.dataloader import PackedLoader
+        """Bits per byte over the val split's first rows, every token scored once, in the
+        same order every time (``EvalRows``): --eval-batches x device batch x processes."""
+        from nanochat.data.dataloader import EvalRows
         from nanochat.evaluation.loss_eval import evaluate_bpb
 
         args, rt = self.args, self.rt
-        val = PackedLoader([self.val_path], self.tokenizer, args.device_batch, args.seq_len,
-                           rt.rank, rt.world_size, rt.device)  # fmt: skip
+        if self.val_rows is None:
+            rows = args.eval_batches * args.device_batch * rt.world_size
+            self.val_rows = EvalRows([self.val_path], self.tokenizer, args.device_batch,
+                                     args.seq_len, rows, rt.device)  # fmt: skip
+        batches = self.val_rows.batches(rt.rank, rt.world_size)
         self.model.eval()
         with rt.autocast():
-            result = evaluate_bpb(self.forward, iter(val), args.eval_batches, self.bytes_per_token)
+            result = evaluate_bpb(self.forward, batches, None, self.bytes_per_token)
         self.model.train()
         return result
 
     def lr_multiplier(self, step: int) -> float:
-        from nanochat.training import optim
+        from nanochat.training import schedules
 
-        return optim.lr_multiplier(step, self.num_steps)
+        return schedules.lr_multiplier(step, self.num_steps)
+
+    def muon_momentum(self, step: int) -> float:
+        from nanochat.training import schedules
+
+        return schedules.muon_momentum(step, self.num_steps, self.args.momentum)
+
+    def weight_decay_multiplier(self, step: int) -> float:
+        from nanochat.training import schedules
+
+        return schedules.weight_decay_multiplier(step, self.num_steps)
 
     def before_step(self, step: int) -> None:
         """Val bpb, CORE and samples when due (rank 0 prints; every rank evaluates its share)."""
@@ -255,25 +289,6 @@ class Pretraining(Trainer):
         )
 
 
-def use_fp8(model) -> None:
-    """Tensorwise fp8 matmuls for the block linears (torchao), the head stays bf16."""
-    try:
-        from torchao.float8 import convert_to_float8_training
-    except ImportError:
-        raise UsageError("--fp8 needs torchao: pip install torchao") from None
-    import torch.nn as nn
-
-    def eligible(module, name: str) -> bool:
-        return (
-            isinstance(module, nn.Linear)
-            and "lm_head" not in name
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
-        )
-
-    convert_to_float8_training(model, module_filter_fn=eligible)
-
-
 def core_bundle(args, base: Path, rt):
     """The CORE bundle, ready before training starts (a missing one is bad input)."""
     from nanochat.evaluation import bundle_fetch, eval_bundle
@@ -334,7 +349,13 @@ def explain(argv: list[str], processes: int, base: Path) -> list[str]:
         the_dial = planned(argv, processes, vocab)
     except UsageError as exc:
         return [f"warning: {exc}"]
-    return [*the_dial.describe(), f"vocab {vocab:,} {source}"]
+    args = build_parser().parse_args(argv)
+    precision = "fp8 matmuls" if args.fp8 else "bf16 matmuls on CUDA"
+    return [
+        *the_dial.describe(),
+        f"{recipe.describe(args)}; {precision}",
+        f"vocab {vocab:,} {source}",
+    ]
 
 
 def check_memory(args, vocab_size: int, rt) -> None:

@@ -4,15 +4,17 @@
     python -m scripts.bench_engine --source base --record
     make bench-engine ARGS='--record'
 
-It loads a checkpoint through the engine (nanochat/inference/engine.py: KV cache, one prefill shared
-by the sample rows), generates from a fixed prompt with sampling at temperature 1 and no
-stop token honoured by the timing (rows that finish early count the tokens they made), and
-with --record appends a row to docs/benchmarks.md naming the machine. Not a stage: a tool
+It loads a checkpoint of BASE_DIR through the engine (nanochat/inference/engine.py: KV cache,
+one prefill shared by the sample rows) and generates from a fixed prompt, greedily and with
+the stop tokens off, so every run times the same --max-tokens tokens; one untimed warm-up
+generation per batch size comes first, then the median of --repeats timed ones. With
+--record it appends a row to docs/benchmarks.md naming the machine. Not a stage: a tool
 beside chat/serve, the end of the pipeline (... -> SFT -> RL -> chat/serve).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from datetime import date
 
@@ -32,7 +34,7 @@ def build_parser() -> CliParser:
     p.add_argument("--source", default="auto", choices=("auto", *CHECKPOINT_KINDS))
     p.add_argument("--tag")
     p.add_argument("--max-tokens", type=positive_int, default=64)
-    p.add_argument("--repeats", type=positive_int, default=3, help="best of N")
+    p.add_argument("--repeats", type=positive_int, default=5, help="median of N (default 5)")
     p.add_argument("--record", action="store_true", help="append the row to docs/benchmarks.md")
     return p
 
@@ -43,7 +45,7 @@ def timed_generation(engine, tokens: list[int], batch: int, max_tokens: int, syn
     first = None
     produced = 0
     for step_tokens, _ in engine.generate(
-        tokens, num_samples=batch, max_tokens=max_tokens, temperature=1.0, seed=0
+        tokens, num_samples=batch, max_tokens=max_tokens, temperature=0.0
     ):
         sync()
         if first is None:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, meta = load_chat_model(
         base_dir(), args.source, rt.device, tag=args.tag, other_flag="--source"
     )
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, stop=False)
     conversation = {
         "messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ""}]
     }
@@ -79,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with rt.autocast():
         for batch in (1, 8):
+            timed_generation(engine, tokens, batch, args.max_tokens, sync)  # warm-up
             runs = [timed_generation(engine, tokens, batch, args.max_tokens, sync)
                     for _ in range(args.repeats)]  # fmt: skip
-            results[batch] = (min(r[0] for r in runs), max(r[1] for r in runs))
+            results[batch] = (
+                statistics.median(r[0] for r in runs),
+                statistics.median(r[1] for r in runs),
+            )
     config = meta.get("model_config", {})
     label = (
         f"d{config.get('n_layer', '?')} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)"

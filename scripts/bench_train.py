@@ -20,6 +20,7 @@ from datetime import date
 from nanochat.bench import BENCHMARKS, machine, record
 from nanochat.common import CliParser, positive_int, run_main
 from nanochat.model.dial import DEFAULT_VOCAB, SEQ_LEN
+from nanochat.training import recipe
 
 SECTION = "## Stage 3: pretraining step (scripts.bench_train)"
 HEADER = (
@@ -38,6 +39,8 @@ def build_parser() -> CliParser:
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--record", action="store_true", help="append the row to docs/benchmarks.md")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls (H100, torchao)")
+    recipe.add_arguments(p)
     return p
 
 
@@ -50,10 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     from nanochat.training import optim
 
     rt = runtime.start()
-    config = gpt.config_for_depth(args.depth, args.vocab_size, sequence_len=args.seq_len)
+    config = gpt.config_for_depth(
+        args.depth, args.vocab_size, sequence_len=args.seq_len, **recipe.model_options(args)
+    )
     model = gpt.build_model(config, rt.device)
     tokens = args.device_batch * args.seq_len
-    optimizer = optim.build_optimizer(gpt.param_groups(model), config.n_embd, tokens)
+    optimizer = optim.build_optimizer(
+        gpt.param_groups(model), config.n_embd, tokens, **recipe.optimizer_options(args)
+    )
+    if args.fp8:
+        from nanochat.model.fp8 import use_fp8
+
+        use_fp8(model)
     compiled = args.compile == "on" or (args.compile == "auto" and rt.device.type == "cuda")
     forward = torch.compile(model) if compiled else model
     gen = torch.Generator(device=rt.device).manual_seed(0)
@@ -92,14 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         if rt.device.type == "cuda"
         else "n/a"
     )
+    dtype = str(rt.dtype).removeprefix("torch.") + (" + fp8" if args.fp8 else "")
+    windows = "" if args.window_pattern == "L" else f" {args.window_pattern}"
     row = (
-        f"| {date.today()} | {machine()} | {torch.__version__} | d{args.depth} | {args.seq_len} | "
-        f"{args.device_batch} | {str(rt.dtype).removeprefix('torch.')} | "
+        f"| {date.today()} | {machine()} | {torch.__version__} | d{args.depth}{windows} | "
+        f"{args.seq_len} | {args.device_batch} | {dtype} | "
         f"{'yes' if compiled else 'no'} | {seconds * 1000:.1f} | {tokens_per_s:,.0f} | {mfu} | "
         f"{memory} |"
     )
     print(
-        f"d{args.depth} seq {args.seq_len} batch {args.device_batch}: "
+        f"d{args.depth}{windows} seq {args.seq_len} batch {args.device_batch} {dtype}: "
         f"{seconds * 1000:.1f} ms/step, {tokens_per_s:,.0f} tokens/s, MFU {mfu}, "
         f"peak memory {memory}"
     )

@@ -356,9 +356,9 @@ class GSM8KReinforce(Trainer):
         return (pair[0] / pair[1].clamp(min=1)).item()
 
     def lr_multiplier(self, step: int) -> float:
-        from nanochat.training import optim
+        from nanochat.training import schedules
 
-        return optim.lr_multiplier(
+        return schedules.lr_multiplier(
             step, self.num_steps, warmup_steps=0, warmdown_frac=1.0, final_frac=0
         )
 

@@ -10,6 +10,10 @@ Stage 3 (``scripts.base_train``) and the bits-per-byte evaluation draw their bat
   is dropped, so every row starts with BOS and nothing is padded);
 - ``inputs = row[:-1]``, ``targets = row[1:]``.
 
+Evaluation reads differently (``EvalRows``): the documents in shard order, BOS-prefixed and laid
+end to end, cut into rows that overlap by one token, so every token of the split is a target
+exactly once, in the same order on every run; a fixed number of rows caps it.
+
 ``state_dict()`` captures where the loader is (epoch, the next row group, the buffered
 documents), so a resumed run gets exactly the batches an uninterrupted run would have got.
 
@@ -201,3 +205,58 @@ class PackedLoader(BestFitPacker):
             )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.load_buffer(state["buffer"])
+
+
+class EvalRows:
+    """The rows a bits-per-byte evaluation scores, the same on every call and every run.
+
+    The shards' documents in order, each with BOS prepended, make one token stream; row i is
+    stream[i*T : i*T + T + 1], so consecutive rows overlap by one token and every token after
+    the first is a target exactly once. At most ``max_rows`` rows are read (the last one
+    padded: inputs 0, targets -1, which the loss ignores); only the row groups needed are
+    tokenized, once. ``batches(rank, world_size)`` deals whole batches round-robin to ranks
+    (a rank may get none; the loss sums are all-reduced).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seq_len: int,
+        max_rows: int,
+        device: str | torch.device = "cpu",
+    ):
+        self.batch_size, self.seq_len, self.device = batch_size, seq_len, torch.device(device)
+        need = max_rows * seq_len + 1
+        stream: list[int] = []
+        for path in map(Path, paths):
+            pf = shards.open_shard(path)
+            for rg in range(pf.num_row_groups):
+                for doc in tokenizer.encode(shards.read_texts(pf, path, rg), prepend="<|bos|>"):
+                    stream += doc
+                if len(stream) >= need:
+                    break
+            if len(stream) >= need:
+                break
+        if len(stream) < 2:
+            raise ValueError(f"{len(stream)} token(s) to evaluate in {[str(p) for p in paths]}")
+        stream = stream[:need]
+        n_rows = -(-(len(stream) - 1) // seq_len)
+        rows = torch.full((n_rows, seq_len + 1), -1, dtype=torch.long)
+        for i in range(n_rows):
+            piece = stream[i * seq_len : i * seq_len + seq_len + 1]
+            rows[i, : len(piece)] = torch.tensor(piece)
+        self.rows = rows
+        self.tokens = len(stream) - 1  # targets scored
+
+    def batches(
+        self, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(rank * self.batch_size, len(self.rows), world_size * self.batch_size):
+            rows = self.rows[start : start + self.batch_size]
+            if len(rows) < self.batch_size:  # the same shape every batch (compiled models)
+                pad = torch.full((self.batch_size - len(rows), self.seq_len + 1), -1)
+                rows = torch.cat((rows, pad))
+            rows = to_device(rows, self.device)
+            yield rows[:, :-1].clamp(min=0), rows[:, 1:]

@@ -9,6 +9,7 @@ across ranks when torch.distributed is running.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -27,15 +28,15 @@ def token_bytes(tokenizer: Tokenizer, device: str | torch.device = "cpu") -> tor
 def loss_sums(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
+    steps: int | None,
     bytes_per_token: torch.Tensor,
 ) -> tuple[float, int, float, int]:
-    """Over ``steps`` batches, summed over ranks (targets < 0 are ignored): (nats of every
-    target token, their count, nats of the tokens that stand for text, those tokens' bytes).
-    Special tokens' bytes count neither way."""
+    """Over ``steps`` batches (None: until ``batches`` ends), summed over ranks (targets < 0
+    are ignored): (nats of every target token, their count, nats of the tokens that stand for
+    text, those tokens' bytes). Special tokens' bytes count neither way. Every rank must call
+    it (the sums are all-reduced), even one with no batches."""
     sums = torch.zeros(4, dtype=torch.float64, device=bytes_per_token.device)
-    for _ in range(steps):
-        inputs, targets = next(batches)
+    for inputs, targets in itertools.islice(batches, steps):
         nats = model(inputs, targets, loss_reduction="none").reshape(-1).double()
         flat = targets.reshape(-1)
         nbytes = torch.where(flat >= 0, bytes_per_token[flat.clamp(min=0)], 0)
@@ -51,10 +52,11 @@ def loss_sums(
 def evaluate_bpb(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
+    steps: int | None,
     bytes_per_token: torch.Tensor,
 ) -> float:
-    """Bits per byte of ``model`` over ``steps`` batches (targets < 0 are ignored)."""
+    """Bits per byte of ``model`` over ``steps`` batches, or all of them (None); targets < 0
+    are ignored."""
     _, _, nats, total_bytes = loss_sums(model, batches, steps, bytes_per_token)
     if total_bytes == 0:
         raise ValueError("no target bytes to evaluate: the batches held only special tokens")

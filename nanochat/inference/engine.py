@@ -235,13 +235,14 @@ class _Row:
 class Engine:
     """Generation from one model: KV cache, sampling, the calculator tool, streaming."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, stop: bool = True) -> None:
+        """``stop=False`` never ends a row early (benchmarks time a fixed number of tokens)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_context = model.config.sequence_len  # prompt + reply, in tokens
         sid = tokenizer.special_id
-        self.stop_ids = frozenset(sid(name) for name in STOP_TOKENS)
+        self.stop_ids = frozenset(sid(name) for name in STOP_TOKENS) if stop else frozenset()
         self.python_start = sid("<|python_start|>")
         self.python_end = sid("<|python_end|>")
         self.output_start = sid("<|output_start|>")

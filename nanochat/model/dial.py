@@ -69,6 +69,22 @@ def derived_total_batch(depth: int, vocab_size: int, ratio: float = DEFAULT_RATI
     return 2 ** round(math.log2(D12_BATCH * (data / d12_data) ** BATCH_EXPONENT))
 
 
+def scaled_weight_decay(reference: float, depth: int, vocab_size: int, total_batch: int) -> float:
+    """The weight decay for this depth and batch from its value at d12 and 2^19 tokens.
+
+    As upstream, after the T_epoch rule (arXiv:2405.13698: B / (lr * decay * D) held fixed,
+    with lr ~ sqrt(B)): decay = reference * sqrt(B / 2^19) * D12 / D, where D is the data the
+    depth's ratio gives (so D12 / D = scaling params at d12 / at this depth).
+    """
+    batch = math.sqrt(total_batch / D12_BATCH)
+    return (
+        reference
+        * batch
+        * scaling_params(D12_DEPTH, vocab_size)
+        / scaling_params(depth, vocab_size)
+    )
+
+
 def _amount(tokens: float) -> str:
     return f"{tokens / 1e9:,.2f}B" if tokens >= 1e9 else f"{tokens / 1e6:,.1f}M"
 

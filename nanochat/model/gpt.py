@@ -15,12 +15,18 @@ through ``KVCache``. Facts from the recipe (upstream nanochat):
 - Init: embedding normal(0, 0.8), head normal(0, 0.001), q/k/v and MLP input weights uniform
   with std 1/sqrt(width), output projections zero (every block starts as the identity).
 
-Optional extras, off by default until a measurement turns them on (GPTConfig flags):
+Optional extras (GPTConfig flags; which are on by default is the ablation's call, see
+docs/benchmarks.md; facts from upstream nanochat 2026):
 ``residual_scalars`` (per-layer ``resid_lambdas`` and ``x0_lambdas`` mixing the residual stream
-with the normalized input embedding), ``value_embeds`` (ResFormer-style value embeddings on
-alternating layers, last layer included, mixed into v through a learned per-head gate) and
-``window_pattern`` (e.g. "SSSL": S layers attend to the last sequence_len/4 positions only,
-L layers to everything; the pattern is tiled over the layers and the last layer is always L).
+with the normalized input embedding before each block), ``value_embeds`` (ResFormer-style value
+embeddings on alternating layers, last layer included, mixed into v through a gate
+3 * sigmoid(linear of the first 12 channels) per kv head), ``window_pattern`` (e.g. "SSSL": S
+layers attend to the last quarter of the context; the pattern is
+tiled over the layers and the last layer is always L), ``smear`` (each position adds
+lambda * sigmoid(linear of its first 24 channels) times the previous position's embedding;
+lambda starts at 0) and ``backout`` (a learned 0.2 times the residual after the middle block is
+taken out before the final norm). Attention and the KV cache live in
+``nanochat.model.attention``.
 
 The weights stay fp32 (the optimizer's master copy); on CUDA the caller runs forward under
 ``torch.autocast(dtype=torch.bfloat16)``. The module is built on the meta device and
@@ -36,22 +42,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.model.attention import (
+    CausalSelfAttention,
+    KVCache,
+    attention_mask,
+    has_value_embed,
+    norm,
+    rotary_tables,
+)
 from nanochat.model.dial import HEAD_DIM, MLP_RATIO, SEQ_LEN
 from nanochat.model.dial import width as dial_width
 
-try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise.
-    from flash_attn_interface import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
+__all__ = ["GPT", "GPTConfig", "KVCache", "build_model", "config_for_depth", "norm"]
 
-ROTARY_BASE = 100_000
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x the training context, for inference
-QK_SCALE = 1.2  # q and k are multiplied by this after QK-norm
 LOGIT_SOFTCAP = 15.0
 EMBEDDING_STD = 0.8
 HEAD_STD = 0.001
-X0_LAMBDA_INIT = 0.1  # residual_scalars: initial weight of the input embedding in each layer
-VE_GATE_CHANNELS = 32  # value_embeds: the gate reads the first 32 channels of the block input
+# residual_scalars (upstream's init): layer i of L starts at resid 1.15 - 0.10 i/(L-1) and
+# x0 0.20 - 0.15 i/(L-1), leaning on the input embedding early and less later.
+RESID_LAMBDA_INIT, RESID_LAMBDA_DROP = 1.15, 0.10
+X0_LAMBDA_INIT, X0_LAMBDA_DROP = 0.20, 0.15
+SMEAR_CHANNELS = 24  # smear: its gate reads the first 24 channels of the embedding
+GATE_INIT_MAX = 0.02  # smear and value-embedding gates start uniform(0, 0.02)
+BACKOUT_INIT = 0.2  # backout: the share of the middle residual taken out before the head
 LOSS_REDUCTIONS = ("mean", "none")
 
 
@@ -68,6 +82,8 @@ class GPTConfig:
     window_pattern: str = "L"  # "L" = full attention in every layer
     residual_scalars: bool = False
     value_embeds: bool = False
+    smear: bool = False
+    backout: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len"):
@@ -123,7 +139,8 @@ def config_for_depth(
 
 
 def short_window(config: GPTConfig) -> int:
-    """How many positions (itself included) a query of an S layer sees: a quarter of the context."""
+    """How many positions (itself included) a query of an S layer sees: a quarter of the
+    context (512 at 2048, as upstream)."""
     return max(1, config.sequence_len // 4)
 
 
@@ -139,237 +156,6 @@ def window_sizes(config: GPTConfig) -> list[int | None]:
     ]
     sizes[-1] = None
     return sizes
-
-
-def has_value_embed(layer: int, n_layer: int) -> bool:
-    """Value embeddings sit on alternating layers, counted so that the last layer has one."""
-    return layer % 2 == (n_layer - 1) % 2
-
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dimension, without a learnable gain."""
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def rotary_tables(
-    length: int, head_dim: int, base: float = ROTARY_BASE, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, fp32, each of shape (length, head_dim // 2).
-
-    Channel pair i of position t turns by t * base^(-2i/head_dim).
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    inv_freq = 1.0 / (base**exponents)
-    positions = torch.arange(length, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) queries or keys: channel i pairs with channel i + D/2."""
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.to(x.dtype)
-
-
-def attention_mask(
-    start: int, n_queries: int, window: int | None, device=None
-) -> torch.Tensor | None:
-    """Which keys each query may see (True = attend), or None for plain causal attention.
-
-    Queries sit at absolute positions start .. start+n_queries-1 and keys at 0 .. the last
-    query's position (cached keys first). A query at position p sees keys k with k <= p
-    and, with a window w, k > p - w. None means queries and keys coincide (no cached
-    prefix) and the window cuts nothing, so SDPA's ``is_causal`` does the same job faster.
-    """
-    n_keys = start + n_queries
-    if start == 0 and (window is None or window >= n_keys):
-        return None
-    query_pos = torch.arange(start, n_keys, device=device).unsqueeze(1)
-    key_pos = torch.arange(n_keys, device=device).unsqueeze(0)
-    keep = key_pos <= query_pos
-    if window is not None:
-        keep = keep & (key_pos > query_pos - window)
-    return keep
-
-
-def flash_usable(q: torch.Tensor) -> bool:
-    """FlashAttention-3 runs when installed, on CUDA, in half precision."""
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-
-
-def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
-) -> torch.Tensor:
-    """Causal attention through FlashAttention-3; (B, H, T, D) in and out, GQA native."""
-    left = -1 if window is None else window - 1  # FA counts the keys before the query
-    out = flash_attn_func(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        causal=True,
-        window_size=(left, 0),
-    )
-    if isinstance(out, tuple):  # some FA3 versions also return the log-sum-exp
-        out = out[0]
-    return out.transpose(1, 2)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, for one-token-at-a-time decoding.
-
-    Preallocated per layer as (batch, n_kv_head, max_len, head_dim); ``pos`` is how many
-    positions are filled. ``GPT.forward`` inserts each layer's new keys and values with
-    ``insert`` (which returns the filled prefix for attention) and calls ``advance`` once all
-    layers are done. Sampling N continuations of one prompt: prefill a batch-1 cache with the
-    prompt, then ``expand(N)`` copies it into N rows.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        head_dim: int,
-        max_len: int,
-        device=None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-
-    @classmethod
-    def for_config(
-        cls,
-        config: GPTConfig,
-        batch_size: int,
-        max_len: int,
-        device=None,
-        dtype: torch.dtype = torch.float32,
-    ) -> KVCache:
-        """An empty cache shaped for ``config``, holding up to ``max_len`` positions."""
-        return cls(
-            config.n_layer,
-            batch_size,
-            config.n_kv_head,
-            config.head_dim,
-            max_len,
-            device=device,
-            dtype=dtype,
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.size(1)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(3)
-
-    def reset(self) -> None:
-        """Forget every position (the memory is reused)."""
-        self.pos = 0
-
-    def insert(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, n_kv_head, T, head_dim) keys/values at ``pos``; return all filled so far."""
-        if k.size(0) != self.batch_size:
-            raise ValueError(
-                f"batch of {k.size(0)} rows does not match the cache's {self.batch_size} "
-                "(expand the cache first)"
-            )
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions, room for {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n_positions: int) -> None:
-        self.pos += n_positions
-
-    def expand(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A new cache of ``batch_size`` rows, each a copy of this (batch 1) cache's prefix."""
-        if self.batch_size not in (1, batch_size):
-            raise ValueError(f"can not expand {self.batch_size} rows to {batch_size}")
-        max_len = self.max_len if max_len is None else max_len
-        if max_len < self.pos:
-            raise ValueError(f"max_len {max_len} is shorter than the {self.pos} cached positions")
-        n_layer, _, n_kv_head, _, head_dim = self.k.shape
-        new = KVCache(
-            n_layer, batch_size, n_kv_head, head_dim, max_len, self.k.device, self.k.dtype
-        )
-        new.k[:, :, :, : self.pos] = self.k[:, :, :, : self.pos]
-        new.v[:, :, :, : self.pos] = self.v[:, :, :, : self.pos]
-        new.pos = self.pos
-        return new
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with rotary positions, QK-norm and optional GQA."""
-
-    def __init__(self, config: GPTConfig, layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head
-        self.head_dim = config.head_dim
-        kv_dim = config.n_kv_head * config.head_dim
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate = None
-        if config.value_embeds and has_value_embed(layer, config.n_layer):
-            gate_in = min(VE_GATE_CHANNELS, config.n_embd)
-            self.ve_gate = nn.Linear(gate_in, config.n_kv_head, bias=False)
-
-    def split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """(B, T, heads * D) -> (B, heads, T, D)."""
-        B, T, _ = x.shape
-        return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        window: int | None,
-        kv_cache: KVCache | None = None,
-        value_embed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.split_heads(self.c_q(x), self.n_head)
-        k = self.split_heads(self.c_k(x), self.n_kv_head)
-        v = self.split_heads(self.c_v(x), self.n_kv_head)
-        if value_embed is not None:
-            # ResFormer value residual: gate in (0, 2) per kv head, 1 at init (zero weights).
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
-            v = v + gate.transpose(1, 2).unsqueeze(-1) * self.split_heads(
-                value_embed, self.n_kv_head
-            )
-        cos, sin = rotary
-        q = apply_rotary(norm(q) * QK_SCALE, cos, sin).to(v.dtype)
-        k = apply_rotary(norm(k) * QK_SCALE, cos, sin).to(v.dtype)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if kv_cache is None and flash_usable(q):
-            y = flash_attention(q, k, v, window)
-        else:
-            if self.n_kv_head != self.n_head:  # each kv head serves a group of query heads
-                group = self.n_head // self.n_kv_head
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
-            if mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -419,6 +205,11 @@ class GPT(nn.Module):
                     if has_value_embed(i, config.n_layer)
                 }
             )
+        if config.smear:
+            self.smear_gate = nn.Linear(min(SMEAR_CHANNELS, config.n_embd), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         # Placeholders on the meta device; init_weights computes the real tables.
         cos, sin = rotary_tables(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
@@ -443,10 +234,16 @@ class GPT(nn.Module):
             nn.init.zeros_(attn.c_proj.weight)
             nn.init.zeros_(mlp.c_proj.weight)
             if attn.ve_gate is not None:
-                nn.init.zeros_(attn.ve_gate.weight)
+                nn.init.uniform_(attn.ve_gate.weight, 0.0, GATE_INIT_MAX)
         if config.residual_scalars:
-            self.resid_lambdas.fill_(1.0)
-            self.x0_lambdas.fill_(X0_LAMBDA_INIT)
+            depth = torch.arange(config.n_layer, dtype=torch.float32) / max(config.n_layer - 1, 1)
+            self.resid_lambdas.copy_(RESID_LAMBDA_INIT - RESID_LAMBDA_DROP * depth)
+            self.x0_lambdas.copy_(X0_LAMBDA_INIT - X0_LAMBDA_DROP * depth)
+        if config.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, GATE_INIT_MAX)
+            self.smear_lambda.zero_()
+        if config.backout:
+            self.backout_lambda.fill_(BACKOUT_INIT)
         if config.value_embeds:
             for embedding in self.value_embeds.values():
                 nn.init.uniform_(embedding.weight, -bound, bound)
@@ -459,6 +256,19 @@ class GPT(nn.Module):
         self.wte.to(dtype=dtype)
         if self.config.value_embeds:
             self.value_embeds.to(dtype=dtype)
+
+    def smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Mix each position's predecessor into it: x[t] + lambda * sigmoid(gate(x[t][:24]))
+        * x[t-1]. Position 0 of a sequence has no predecessor; with a cache, the first new
+        token's predecessor is the last cached one (kept in ``kv_cache.prev_embed``)."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        before = None if kv_cache is None or kv_cache.pos == 0 else kv_cache.prev_embed
+        if kv_cache is not None:
+            kv_cache.prev_embed = x[:, -1:].detach()
+        if before is None:
+            return torch.cat((x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]), dim=1)
+        previous = torch.cat((before.to(x.dtype), x[:, :-1]), dim=1)
+        return x + gate * previous
 
     def forward(
         self,
@@ -486,7 +296,10 @@ class GPT(nn.Module):
         masks = {w: attention_mask(start, T, w, idx.device) for w in set(self.window_sizes)}
 
         x = norm(self.wte(idx))
+        if self.config.smear:
+            x = self.smear(x, kv_cache)
         x0 = x
+        middle = None
         for i, block in enumerate(self.blocks):
             if self.config.residual_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -495,8 +308,12 @@ class GPT(nn.Module):
                 value_embed = self.value_embeds[str(i)](idx)
             window = self.window_sizes[i]
             x = block(x, rotary, masks[window], window, kv_cache, value_embed)
+            if i == self.config.n_layer // 2:
+                middle = x
         if kv_cache is not None:
             kv_cache.advance(T)
+        if self.config.backout:
+            x = x - self.backout_lambda * middle
 
         logits = self.lm_head(norm(x)).float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
@@ -527,27 +344,34 @@ def build_model(
 def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     """The parameters by optimizer treatment (the names nanochat/training/optim.py expects).
 
-    "matrices": the 2-D matrices inside the blocks (Muon); "embedding": token and value
-    embeddings, "head": the output head, "scalars": per-layer scalars (AdamW). A group
-    may be empty (no scalars when residual_scalars is off).
+    "matrices": the 2-D matrices inside the blocks, value-embedding gates included (Muon);
+    AdamW for the rest: "embedding" (wte), "value_embeds", "head", "resid_scalars"
+    (resid_lambdas), "scalars" (x0_lambdas), "gates" (smear and backout). A group is empty
+    when its feature is off.
     """
     groups: dict[str, list[nn.Parameter]] = {
-        "matrices": [],
-        "embedding": [],
-        "head": [],
-        "scalars": [],
+        name: []
+        for name in (
+            "matrices", "embedding", "value_embeds", "head", "resid_scalars", "scalars", "gates"
+        )
+    }  # fmt: skip
+    by_prefix = {
+        "wte.": "embedding",
+        "value_embeds.": "value_embeds",
+        "lm_head.": "head",
+        "resid_lambdas": "resid_scalars",
+        "x0_lambdas": "scalars",
+        "smear_": "gates",
+        "backout_": "gates",
     }
     for name, param in model.named_parameters():
         if name.startswith("blocks.") and param.ndim == 2:
             groups["matrices"].append(param)
-        elif name.startswith(("wte.", "value_embeds.")):
-            groups["embedding"].append(param)
-        elif name.startswith("lm_head."):
-            groups["head"].append(param)
-        elif param.ndim < 2:
-            groups["scalars"].append(param)
-        else:
+            continue
+        group = next((g for prefix, g in by_prefix.items() if name.startswith(prefix)), None)
+        if group is None:
             raise ValueError(f"parameter {name} fits no optimizer group")
+        groups[group].append(param)
     return groups
 
 
@@ -557,9 +381,15 @@ def num_params(model: nn.Module) -> int:
 
 
 def scaling_params(model: GPT) -> int:
-    """Block matrices + head: the count that sets the data budget (tokens = ratio * this)."""
-    groups = param_groups(model)
-    return sum(p.numel() for p in groups["matrices"] + groups["head"])
+    """Block matrices + head: the count that sets the data budget (tokens = ratio * this).
+    The value-embedding gates (a few numbers per layer) are not counted, so the budget of a
+    depth does not move with the features."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if (name.startswith("blocks.") and p.ndim == 2 and "ve_gate" not in name)
+        or name.startswith("lm_head.")
+    )
 
 
 def meta_model(config: GPTConfig) -> GPT:

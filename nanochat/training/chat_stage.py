@@ -245,9 +245,9 @@ class ChatTraining(Trainer):
                 self.wandb_run.log(self.extra_metrics, step=at)
 
     def lr_multiplier(self, step: int) -> float:
-        from nanochat.training import optim
+        from nanochat.training import schedules
 
-        return optim.lr_multiplier(
+        return schedules.lr_multiplier(
             step, self.num_steps, warmup_steps=0, warmdown_frac=self.stage.warmdown_frac,
             final_frac=0.0,
         )  # fmt: skip

@@ -1,15 +1,20 @@
 """The pretraining optimizer: Muon for the block matrices, AdamW for everything else.
 
 Where it fits: ``scripts.base_train`` (and the later chat stages) split the model's parameters
-into four named groups -- ``matrices`` (every 2-D weight inside the transformer blocks),
-``embedding``, ``head`` and ``scalars`` -- and call :func:`build_optimizer`, which returns one
-:class:`MuonAdamW` set up with the learning rates of the recipe. Every step the trainer sets
-``group['lr'] = group['initial_lr'] * lr_multiplier(step, total_steps)`` and, for the Muon
-group, ``group['momentum'] = muon_momentum(step)``; then it calls ``optimizer.step()``.
+into named groups (``nanochat.model.gpt.param_groups``: ``matrices``, every 2-D weight inside
+the transformer blocks, for Muon; ``embedding``, ``value_embeds``, ``head``, ``resid_scalars``,
+``scalars`` and ``gates`` for AdamW) and call :func:`build_optimizer`, which returns one
+:class:`MuonAdamW` set up with the learning rates of the recipe. Before every step the loop
+(``nanochat.training.train_loop``) sets each group's ``lr``, ``weight_decay`` and Muon's
+``momentum`` from the schedules (``nanochat.training.schedules``); then it calls
+``optimizer.step()``.
 
 * **Muon** (``kind='muon'``): Nesterov momentum, then the update is replaced by the nearest
   semi-orthogonal matrix (:func:`orthogonalize`, a quintic Newton-Schulz iteration in bf16
-  with the Polar Express coefficients), scaled by ``sqrt(max(1, rows/cols))``.
+  with the Polar Express coefficients), scaled by ``sqrt(max(1, rows/cols))``. Three
+  optional refinements (group fields, off unless set; facts from upstream nanochat 2026):
+  MuonEq row equilibration before the iteration (``row_equalize``), Muon+ renormalisation
+  after it (``renormalize``) and NorMuon variance reduction (``normuon_beta2`` > 0).
 * **AdamW** (``kind='adamw'``): torch's algorithm (bias-corrected moments, decoupled weight
   decay), written out here so both kinds share the same distributed path.
 
@@ -51,14 +56,32 @@ NEWTON_SCHULZ_QUINTIC = (1.875, -1.25, 0.375)
 NORM_SAFETY = 1.02
 
 MUON, ADAMW = "muon", "adamw"
-GROUP_KINDS = {"matrices": MUON, "embedding": ADAMW, "head": ADAMW, "scalars": ADAMW}
+# The model's parameter groups (``nanochat.model.gpt.param_groups``) and who updates them;
+# "value_embeds" and "gates" exist only when their model features are on.
+GROUP_KINDS = {
+    "matrices": MUON,
+    "embedding": ADAMW,
+    "value_embeds": ADAMW,
+    "head": ADAMW,
+    "resid_scalars": ADAMW,
+    "scalars": ADAMW,
+    "gates": ADAMW,
+}
 
 # As upstream: base learning rates at d12 (width 768) and a total batch of 2**19 tokens.
 REFERENCE_WIDTH = 768
 REFERENCE_BATCH_TOKENS = 2**19
 MATRIX_LR, EMBEDDING_LR, HEAD_LR, SCALAR_LR = 0.02, 0.3, 0.008, 0.5
+GATE_LR = 0.2  # smear and backout (upstream: AdamW at 0.2, no decay)
+RESID_LR_FRACTION = 0.01  # resid_lambdas train at 1% of the scalar LR (upstream)
+VALUE_EMBED_LR_FRACTION = 0.5  # value embeddings train at half the embedding LR
 ADAM_BETAS = (0.8, 0.95)
 ADAM_EPS = 1e-10
+# "split" Adam betas (upstream 2026): the head (0.8, 0.96), the embeddings (0.8, 0.995);
+# the other Adam groups keep ADAM_BETAS. "classic": ADAM_BETAS everywhere.
+ADAM_BETA_CHOICES = ("classic", "split")
+SPLIT_ADAM_BETAS = {"head": (0.8, 0.96), "embedding": (0.8, 0.995), "value_embeds": (0.8, 0.995)}
+NORMUON_BETA2 = 0.9
 
 
 # ----------------------------------------------------------------------------- orthogonalize
@@ -97,6 +120,51 @@ def quintic_coeffs(step: int) -> tuple[float, float, float]:
     return POLAR_EXPRESS_COEFFS[step] if step < len(POLAR_EXPRESS_COEFFS) else NEWTON_SCHULZ_QUINTIC
 
 
+def equalize_rows(X: Tensor) -> Tensor:
+    """MuonEq (arXiv:2603.28254): every row rescaled to the mean row norm ``||X||_F /
+    sqrt(rows)``, so the spectrum entering the iteration is better conditioned. Batched over
+    leading dimensions; a zero row stays zero."""
+    X32 = X.float()
+    target = X32.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
+    rows = X32.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return (X32 * (target / rows)).to(X.dtype)
+
+
+def renormalize(U: Tensor) -> Tensor:
+    """Muon+ (arXiv:2602.21545): the Frobenius norm snapped to ``sqrt(min(rows, cols))``,
+    that of an exactly semi-orthogonal matrix (corrects an iteration that fell short)."""
+    U32 = U.float()
+    norm = U32.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (U32 * (math.sqrt(min(U.size(-2), U.size(-1))) / norm)).to(U.dtype)
+
+
+def normuon_dim(shape: torch.Size) -> int:
+    """The dimension NorMuon averages over: the columns of a tall or square matrix (one
+    statistic per row), the rows of a wide one (one per column)."""
+    return -1 if shape[-2] >= shape[-1] else -2
+
+
+def normuon(U: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon variance reduction (arXiv:2510.05491), in place on ``second_moment``.
+
+    ``second_moment`` (rows x 1, or 1 x cols for a wide matrix; batched like ``U``) is an
+    EMA of the mean square of ``U`` along :func:`normuon_dim`. ``U`` is divided by its square
+    root per row (or column) and then rescaled to its own Frobenius norm, so the step's size
+    is unchanged and only its spread across neurons is evened out."""
+    dim = normuon_dim(U.shape)
+    U32 = U.float()
+    mean_square = U32.square().mean(dim=dim, keepdim=True)
+    second_moment.lerp_(mean_square.to(second_moment.dtype), 1 - beta2)
+    scaled = U32 * second_moment.float().clamp_min(1e-10).rsqrt()
+    ratio = U32.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True)
+    return (scaled * ratio.nan_to_num(0.0)).to(U.dtype)
+
+
+def normuon_state_shape(shape: torch.Size) -> tuple[int, ...]:
+    rows, cols = shape[-2], shape[-1]
+    return (rows, 1) if normuon_dim(shape) == -1 else (1, cols)
+
+
 def muon_scale(shape: torch.Size) -> float:
     """``sqrt(max(1, rows/cols))``: keeps the update's RMS similar for tall matrices."""
     return math.sqrt(max(1.0, shape[-2] / shape[-1]))
@@ -109,12 +177,17 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon for groups tagged ``kind='muon'``, AdamW for ``kind='adamw'``, sharded across ranks.
 
     Each group may set its own ``lr``, ``weight_decay`` and (Muon) ``momentum``, ``ns_steps``,
-    ``cautious_wd`` or (AdamW) ``betas``, ``eps``; missing fields take the defaults below.
+    ``cautious_wd``, ``row_equalize``, ``renormalize``, ``normuon_beta2`` or (AdamW)
+    ``betas``, ``eps``; missing fields take the defaults below.
 
     Muon step for a matrix p with gradient g (momentum beta):
         m <- beta m + (1 - beta) g                 (EMA momentum buffer)
         u <- (1 - beta) g + beta m                 (Nesterov look-ahead)
-        o <- orthogonalize(u) * sqrt(max(1, rows/cols))
+        u <- equalize_rows(u)                      (only with ``row_equalize``)
+        o <- orthogonalize(u)
+        o <- renormalize(o)                        (only with ``renormalize``)
+        o <- normuon(o, v, beta2)                  (only with ``normuon_beta2`` > 0)
+        o <- o * sqrt(max(1, rows/cols))
         p <- p - lr wd mask * p - lr o             (mask = 1, or with ``cautious_wd`` only
                                                     where sign(o) == sign(p))
     AdamW step: exactly torch.optim.AdamW (bias correction, decoupled decay p *= 1 - lr wd).
@@ -133,6 +206,9 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         ns_steps: int = 5,
         cautious_wd: bool = True,
+        row_equalize: bool = False,
+        renormalize: bool = False,
+        normuon_beta2: float = 0.0,
         betas: tuple[float, float] = ADAM_BETAS,
         eps: float = ADAM_EPS,
         weight_decay: float = 0.0,
@@ -147,6 +223,9 @@ class MuonAdamW(torch.optim.Optimizer):
             momentum=momentum,
             ns_steps=ns_steps,
             cautious_wd=cautious_wd,
+            row_equalize=row_equalize,
+            renormalize=renormalize,
+            normuon_beta2=normuon_beta2,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
@@ -243,9 +322,28 @@ class MuonAdamW(torch.optim.Optimizer):
         by_shape: dict[torch.Size, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             by_shape[p.shape].append(i)
+        beta2 = group["normuon_beta2"]
         for shape, indices in by_shape.items():
             stacked = torch.stack([lookahead[i] for i in indices])
-            updates = orthogonalize(stacked, steps=group["ns_steps"]) * muon_scale(shape)
+            if group["row_equalize"]:
+                stacked = equalize_rows(stacked)
+            updates = orthogonalize(stacked, steps=group["ns_steps"])
+            if group["renormalize"]:
+                updates = renormalize(updates)
+            if beta2:
+                moments = []
+                for i in indices:
+                    state = self.state[params[i]]
+                    if "second_moment" not in state:
+                        state["second_moment"] = params[i].new_zeros(
+                            normuon_state_shape(shape), dtype=torch.float32
+                        )
+                    moments.append(state["second_moment"])
+                stacked_moments = torch.stack(moments)
+                updates = normuon(updates, stacked_moments, beta2)
+                for i, moment in zip(indices, stacked_moments, strict=True):
+                    self.state[params[i]]["second_moment"] = moment.clone()
+            updates = updates * muon_scale(shape)
             for i, update in zip(indices, updates, strict=True):
                 self._apply_muon(params[i], update, group)
 
@@ -297,51 +395,25 @@ class MuonAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
-# ----------------------------------------------------------------------------- schedules
-
-
-def lr_multiplier(
-    step: int,
-    total_steps: int,
-    warmup_steps: int = 40,
-    warmdown_frac: float = 0.65,
-    final_frac: float = 0.05,
-) -> float:
-    """Learning-rate multiplier: linear warmup to 1, flat, then linear warmdown to final_frac.
-
-    Warmup: (step + 1) / warmup_steps, so step 0 already moves. Warmdown: over the last
-    ``warmdown_frac`` of the run, reaching ``final_frac`` at ``step == total_steps``. On a run
-    too short for both, the lower of the two ramps wins.
-    """
-    warmup = 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
-    warmdown_steps = round(warmdown_frac * total_steps)
-    left = total_steps - step
-    if warmdown_steps <= 0 or left >= warmdown_steps:
-        warmdown = 1.0
-    else:
-        progress = max(left, 0) / warmdown_steps
-        warmdown = progress + (1 - progress) * final_frac
-    return min(warmup, warmdown)
-
-
-def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps: int = 300):
-    """Muon momentum: linear from ``start`` at step 0 to ``end`` at ``ramp_steps``, then flat."""
-    frac = 1.0 if ramp_steps <= 0 else min(step / ramp_steps, 1.0)
-    return start + frac * (end - start)
+# ----------------------------------------------------------------------------- building
 
 
 def base_lrs(width: int, total_batch_tokens: int) -> dict[str, float]:
     """The recipe's base learning rates for a model width and a total batch (in tokens).
 
-    Adam LRs of embedding and head scale by (width/768)^-0.5; all LRs by sqrt(B / 2**19).
+    Adam LRs of the embeddings and head scale by (width/768)^-0.5; all LRs by sqrt(B / 2**19).
     """
     batch_scale = math.sqrt(total_batch_tokens / REFERENCE_BATCH_TOKENS)
     width_scale = (width / REFERENCE_WIDTH) ** -0.5
+    embedding = EMBEDDING_LR * width_scale * batch_scale
     return {
         "matrices": MATRIX_LR * batch_scale,
-        "embedding": EMBEDDING_LR * width_scale * batch_scale,
+        "embedding": embedding,
+        "value_embeds": VALUE_EMBED_LR_FRACTION * embedding,
         "head": HEAD_LR * width_scale * batch_scale,
+        "resid_scalars": RESID_LR_FRACTION * SCALAR_LR * batch_scale,
         "scalars": SCALAR_LR * batch_scale,
+        "gates": GATE_LR * batch_scale,
     }
 
 
@@ -351,16 +423,24 @@ def build_optimizer(
     total_batch_tokens: int,
     *,
     weight_decay: float = 0.0,
+    normuon: bool = False,
+    muon_eq: bool = False,
+    adam_betas: str = "classic",
 ) -> MuonAdamW:
-    """One MuonAdamW over the named groups 'matrices', 'embedding', 'head', 'scalars'.
+    """One MuonAdamW over the named groups of :data:`GROUP_KINDS`.
 
-    Empty groups are left out. Each param group carries ``name``, ``kind`` and
-    ``initial_lr`` (the base LR; the trainer sets ``lr = initial_lr * lr_multiplier(...)``).
-    ``weight_decay`` (cautious, decoupled) applies to the Muon matrices only.
+    Empty groups are left out. Each param group carries ``name``, ``kind``, ``initial_lr``
+    (the base LR; the loop sets ``lr = initial_lr * lr_multiplier``) and ``initial_wd``
+    (the loop sets ``weight_decay = initial_wd * weight_decay_multiplier``).
+    ``weight_decay`` (cautious, decoupled) applies to the Muon matrices only; ``normuon``
+    turns on NorMuon (beta2 0.9), ``muon_eq`` MuonEq and Muon+ around the iteration;
+    ``adam_betas`` is "classic" or "split" (:data:`SPLIT_ADAM_BETAS`).
     """
     unknown = set(groups) - set(GROUP_KINDS)
     if unknown:
         raise ValueError(f"unknown parameter groups {sorted(unknown)}; use {list(GROUP_KINDS)}")
+    if adam_betas not in ADAM_BETA_CHOICES:
+        raise ValueError(f"adam_betas must be one of {ADAM_BETA_CHOICES}, got {adam_betas!r}")
     lrs = base_lrs(width, total_batch_tokens)
     param_groups = []
     for name, kind in GROUP_KINDS.items():
@@ -368,8 +448,15 @@ def build_optimizer(
         if not params:
             continue
         group = dict(name=name, kind=kind, params=params, lr=lrs[name], initial_lr=lrs[name])
+        group["weight_decay"] = group["initial_wd"] = weight_decay if kind == MUON else 0.0
         if kind == MUON:
-            group["weight_decay"] = weight_decay
+            group.update(
+                normuon_beta2=NORMUON_BETA2 if normuon else 0.0,
+                row_equalize=muon_eq,
+                renormalize=muon_eq,
+            )
+        elif adam_betas == "split":
+            group["betas"] = SPLIT_ADAM_BETAS.get(name, ADAM_BETAS)
         param_groups.append(group)
     if not param_groups:
         raise ValueError("build_optimizer got no parameters")

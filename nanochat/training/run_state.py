@@ -78,11 +78,24 @@ def scale_lrs(optimizer, factor: float) -> None:
         group["lr"] = group["initial_lr"]
 
 
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
 def compiled(model, mode: str, rt):
-    """``torch.compile(model)`` for ``--compile=on``, or ``auto`` on CUDA; else the model."""
+    """``torch.compile(model)`` for ``--compile=on``, or ``auto`` on CUDA; else the model.
+
+    The compiled kernels are cached under BASE_DIR/compile_cache/ (unless
+    $TORCHINDUCTOR_CACHE_DIR says elsewhere), so a second run of the same shapes, in a new
+    container with the same volume too, loads them in seconds instead of compiling again.
+    """
     if mode == "on" or (mode == "auto" and rt.device.type == "cuda"):
+        import os
+
         import torch
 
+        from nanochat.common import base_dir
+
+        os.environ.setdefault(COMPILE_CACHE_ENV, str(base_dir() / "compile_cache"))
         return torch.compile(model)
     return model
 

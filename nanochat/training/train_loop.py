@@ -48,14 +48,14 @@ def add_loop_arguments(p, *, save_every: int, tag_help: str, compile: bool = Tru
         p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
 
 
-def set_schedule(optimizer, step: int, lr_multiplier: float) -> None:
-    """Every group's LR from its initial LR; Muon's momentum from its ramp."""
-    from nanochat.training import optim
-
+def set_schedule(optimizer, lr_multiplier: float, momentum: float, wd_multiplier: float) -> None:
+    """Every group's LR and weight decay from their initial values; Muon's momentum."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_multiplier
+        if "initial_wd" in group:
+            group["weight_decay"] = group["initial_wd"] * wd_multiplier
         if group.get("kind") == "muon":
-            group["momentum"] = optim.muon_momentum(step)
+            group["momentum"] = momentum
 
 
 def train_step(forward, model, optimizer, loader, accumulation: int, runtime) -> float:
@@ -207,6 +207,16 @@ class Trainer:
     def lr_multiplier(self, step: int) -> float:
         raise NotImplementedError
 
+    def muon_momentum(self, step: int) -> float:
+        """Muon's momentum at ``step`` (the classic ramp unless the trainer says otherwise)."""
+        from nanochat.training import schedules
+
+        return schedules.muon_momentum(step)
+
+    def weight_decay_multiplier(self, step: int) -> float:
+        """The share of each group's weight decay at ``step`` (all of it by default)."""
+        return 1.0
+
     def before_step(self, step: int) -> None:
         """Evals due before step ``step`` is taken (the first call is at ``start_step``)."""
 
@@ -260,7 +270,9 @@ def run(trainer: Trainer, args, base: Path) -> int:
         trainer.before_step(step)
         t0 = time.monotonic()
         lrm = trainer.lr_multiplier(step)
-        set_schedule(optimizer, step, lrm)
+        set_schedule(
+            optimizer, lrm, trainer.muon_momentum(step), trainer.weight_decay_multiplier(step)
+        )
         result = trainer.train_step(step)
         step += 1
         dt = time.monotonic() - t0

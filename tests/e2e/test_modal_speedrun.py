@@ -117,7 +117,7 @@ def test_speedrun_steps_carry_force_env_and_the_background_download(base_dir):
     )
     assert [(s["label"], s["background"]) for s in split[:2]] == [
         ("download SHARDS=8", False),
-        ("download SHARDS=150", True),
+        ("download SHARDS=142", True),
     ]
     assert [s["stage"] for s in split if s["wait"]] == ["pretrain"]
 

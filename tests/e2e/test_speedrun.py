@@ -143,19 +143,19 @@ def test_background_download_where_it_helps(base_dir, capsys):
     assert speedrun(preset="speedrun", dry_run=True) == 0
     out = capsys.readouterr().out
     assert (
-        "# download: first 8 shards now, the other 142 in the background while task-data, "
+        "# download: first 8 shards now, the other 134 in the background while task-data, "
         "tokenizer, tokenizer-eval run; pretrain waits for it"
     ) in out
     plans = speedrun_plans(preset="speedrun", dry_run=True)
     assert [p.label for p in plans[:6]] == [
         "download SHARDS=8",
-        "download SHARDS=150",
+        "download SHARDS=142",
         "task-data",
         "tokenizer",
         "tokenizer-eval",
         "pretrain",
     ]
-    assert "--shards=8" in plans[0].command.argv and "--shards=150" in plans[1].command.argv
+    assert "--shards=8" in plans[0].command.argv and "--shards=142" in plans[1].command.argv
     assert plans[1].background and plans[5].wait
     assert not any(p.background or p.wait for p in plans[:1] + plans[2:5] + plans[6:])
     # Not where it does not help: a download of only the tokenizer's 8 shards; a tokenizer

@@ -11,7 +11,7 @@ import torch
 from helpers.builders import tokenizer_for
 
 from nanochat.data import shards
-from nanochat.data.dataloader import PackedLoader, row_groups
+from nanochat.data.dataloader import EvalRows, PackedLoader, row_groups
 from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
 
 WORDS = "the model reads packed rows of tokens and learns to predict what comes next".split()
@@ -130,3 +130,24 @@ def test_bits_per_byte_counts_only_tokens_with_bytes(corpus):
     counted = int((per_token[flat] > 0).sum())
     assert bpb == pytest.approx(counted / int(per_token[flat].sum()))
     assert 0 < bpb < 1  # one bit per token, and tokens hold more than one byte on average
+
+
+def test_eval_rows_score_every_token_once_in_a_fixed_order(corpus):
+    paths, tok = corpus
+    stream = [t for doc in tok.encode(list(shards.iter_texts(paths[:1])), prepend="<|bos|>")
+              for t in doc]  # fmt: skip
+    rows = EvalRows(paths[:1], tok, batch_size=4, seq_len=32, max_rows=10_000)
+    assert rows.tokens == len(stream) - 1  # the whole shard, nothing more (no epoch wrap)
+    targets = torch.cat([t for _, t in rows.batches()]).reshape(-1)
+    inputs = torch.cat([i for i, _ in rows.batches()]).reshape(-1)
+    scored = targets[targets >= 0]
+    assert scored.tolist() == stream[1:]  # each token after the first, once, in order
+    assert inputs[targets >= 0].tolist() == stream[:-1]  # each predicted from its predecessor
+    # two ranks split the same rows (whole batches, round-robin), nothing twice
+    split = [t for r in (0, 1) for _, t in rows.batches(r, 2)]
+    assert sorted(torch.cat(split).reshape(-1).tolist()) == sorted(targets.tolist())
+    # a cap takes a prefix: the first rows, whatever the cap
+    capped = EvalRows(paths[:1], tok, batch_size=4, seq_len=32, max_rows=5)
+    assert capped.tokens == 5 * 32
+    assert torch.equal(capped.rows, rows.rows[:5])
+    assert all(i.shape == (4, 32) for i, _ in capped.batches())  # padded to a whole batch

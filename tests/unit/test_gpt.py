@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.model import gpt
+from nanochat.model import attention, gpt
 from nanochat.model.gpt import (
     GPT,
     GPTConfig,
@@ -49,7 +49,7 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
         for name, param in model.named_parameters():
             if name.endswith(("c_proj.weight", "ve_gate.weight")):
                 param.normal_(0.0, 0.5 / math.sqrt(param.size(1)))
-            elif name.endswith("_lambdas"):
+            elif name.endswith(("_lambdas", "_lambda")):
                 param.add_(0.3 * torch.randn_like(param))
     return model.eval()
 
@@ -124,12 +124,15 @@ def closed_form_params(c: GPTConfig) -> dict[str, int]:
     kv = c.n_kv_head * (C // c.n_head)
     per_layer = C * C + 2 * C * kv + C * C + 8 * C * C  # q, k and v, out, MLP in and out
     ve_layers = [i for i in range(L) if i % 2 == (L - 1) % 2] if c.value_embeds else []
-    gates = len(ve_layers) * min(32, C) * c.n_kv_head
+    gates = len(ve_layers) * min(12, C) * c.n_kv_head
     return {
         "matrices": L * per_layer + gates,
-        "embedding": V * C + len(ve_layers) * V * kv,
+        "embedding": V * C,
+        "value_embeds": len(ve_layers) * V * kv,
         "head": V * C,
-        "scalars": 2 * L if c.residual_scalars else 0,
+        "resid_scalars": L if c.residual_scalars else 0,
+        "scalars": L if c.residual_scalars else 0,
+        "gates": (min(24, C) + 1 if c.smear else 0) + (1 if c.backout else 0),
     }
 
 
@@ -140,14 +143,17 @@ def closed_form_params(c: GPTConfig) -> dict[str, int]:
         small_config(n_layer=3, n_kv_head=2),
         small_config(n_layer=3, n_kv_head=1, residual_scalars=True, value_embeds=True),
         small_config(n_layer=4, residual_scalars=True, value_embeds=True, window_pattern="SL"),
+        small_config(n_layer=3, value_embeds=True, smear=True, backout=True),
     ],
-    ids=["mha", "gqa", "mqa-extras", "mha-extras-window"],
+    ids=["mha", "gqa", "mqa-extras", "mha-extras-window", "every-feature"],
 )
 def test_parameter_counts_match_closed_form(config):
     model = build_model(config, "cpu")
     expected = closed_form_params(config)
     assert num_params(model) == sum(expected.values())
-    assert scaling_params(model) == expected["matrices"] + expected["head"]
+    plain = closed_form_params(dataclasses.replace(config, value_embeds=False))
+    # the value-embedding gates do not move the data budget
+    assert scaling_params(model) == plain["matrices"] + expected["head"]
     assert scaling_params_of(config) == scaling_params(model)
     groups = param_groups(model)
     assert {k: sum(p.numel() for p in v) for k, v in groups.items()} == expected
@@ -188,7 +194,11 @@ def test_groups_feed_the_optimizer():
     model = build_model(small_config(residual_scalars=True), "cpu")
     optimizer = optim.build_optimizer(param_groups(model), model.config.n_embd, 2**19)
     names = {group["name"] for group in optimizer.param_groups}
-    assert names == {"matrices", "embedding", "head", "scalars"}
+    assert names == {"matrices", "embedding", "head", "resid_scalars", "scalars"}
+    model = build_model(small_config(value_embeds=True, smear=True, backout=True), "cpu")
+    optimizer = optim.build_optimizer(param_groups(model), model.config.n_embd, 2**19)
+    names = {group["name"] for group in optimizer.param_groups}
+    assert names == {"matrices", "embedding", "value_embeds", "head", "gates"}
 
 
 # ---- construction and init ----
@@ -223,7 +233,7 @@ def test_rotary_tables_recomputed_after_meta_build():
     # position 0 is unrotated; position 1, channel pair i turns by base^(-2i/D)
     assert torch.equal(cos[0], torch.ones(config.head_dim // 2))
     assert torch.equal(sin[0], torch.zeros(config.head_dim // 2))
-    angle = gpt.ROTARY_BASE ** (-2 / config.head_dim)
+    angle = attention.ROTARY_BASE ** (-2 / config.head_dim)
     assert cos[1, 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
@@ -231,12 +241,14 @@ def test_residual_scalars_init_and_neutral_setting():
     plain = random_model(small_config())
     mixed_config = small_config(residual_scalars=True)
     mixed = build_model(mixed_config, "cpu")
-    assert torch.equal(mixed.resid_lambdas, torch.ones(2))
-    assert torch.allclose(mixed.x0_lambdas, torch.full((2,), gpt.X0_LAMBDA_INIT))
+    # upstream's init over 2 layers: resid 1.15 then 1.05, x0 0.20 then 0.05
+    torch.testing.assert_close(mixed.resid_lambdas, torch.tensor([1.15, 1.05]))
+    torch.testing.assert_close(mixed.x0_lambdas, torch.tensor([0.20, 0.05]))
     # resid 1 and x0 0 is exactly the plain model
     missing = mixed.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["resid_lambdas", "x0_lambdas"]
     with torch.no_grad():
+        mixed.resid_lambdas.fill_(1.0)
         mixed.x0_lambdas.zero_()
     idx = tokens(2, SEQ)
     torch.testing.assert_close(mixed(idx), plain(idx), rtol=0, atol=0)
@@ -299,6 +311,44 @@ def test_a_few_steps_lower_the_loss():
     assert model(idx[:, :-1], idx[:, 1:]).item() < first - 0.1
 
 
+# ---- smear and backout ----
+
+
+def test_smear_mixes_the_previous_embedding_hand_computed():
+    config = small_config(n_layer=1, smear=True)
+    model = build_model(config, "cpu")
+    x = torch.randn(1, 3, config.n_embd, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.5)
+        model.smear_gate.weight.zero_()  # sigmoid(0) = 1/2: each gate is 0.5 * 0.5
+    out = model.smear(x, None)
+    torch.testing.assert_close(out[:, 0], x[:, 0])  # position 0 has no predecessor
+    torch.testing.assert_close(out[:, 1], x[:, 1] + 0.25 * x[:, 0])
+    torch.testing.assert_close(out[:, 2], x[:, 2] + 0.25 * x[:, 1])
+    fresh = build_model(config, "cpu")  # lambda 0 at init: the smear starts as a no-op
+    torch.testing.assert_close(fresh.smear(x, None), x, rtol=0, atol=0)
+
+
+def test_backout_subtracts_the_middle_residual():
+    config = small_config(n_layer=3, backout=True)
+    model = random_model(config)
+    assert model.backout_lambda.item() != 0
+    plain = build_model(dataclasses.replace(config, backout=False), "cpu").eval()
+    unexpected = plain.load_state_dict(model.state_dict(), strict=False).unexpected_keys
+    assert unexpected == ["backout_lambda"]
+    idx = tokens(2, SEQ)
+    middle = {}
+    plain.blocks[1].register_forward_hook(lambda _m, _i, out: middle.setdefault("x", out))
+    final = {}
+    plain.blocks[2].register_forward_hook(lambda _m, _i, out: final.setdefault("x", out))
+    plain(idx)  # the same weights, without the backout
+    expected = gpt.norm(final["x"] - model.backout_lambda * middle["x"])
+    logits = plain.lm_head(expected).float()
+    expected_logits = gpt.LOGIT_SOFTCAP * torch.tanh(logits / gpt.LOGIT_SOFTCAP)
+    torch.testing.assert_close(model(idx), expected_logits, rtol=0, atol=1e-5)
+    assert build_model(config, "cpu").backout_lambda.item() == pytest.approx(gpt.BACKOUT_INIT)
+
+
 # ---- causality and windows ----
 
 
@@ -358,8 +408,9 @@ CACHE_CONFIGS = [
     small_config(
         n_layer=3, n_kv_head=1, window_pattern="SL", residual_scalars=True, value_embeds=True
     ),
+    small_config(n_layer=3, smear=True, backout=True),
 ]
-CACHE_IDS = ["mha", "gqa", "mqa-window-extras"]
+CACHE_IDS = ["mha", "gqa", "mqa-window-extras", "smear-backout"]
 
 
 @pytest.mark.parametrize("config", CACHE_CONFIGS, ids=CACHE_IDS)
@@ -438,6 +489,6 @@ def test_flash_attention_path_matches_sdpa(monkeypatch):
     model = random_model(config)
     idx = tokens(2, SEQ)
     reference = model(idx)
-    monkeypatch.setattr(gpt, "flash_attn_func", fake_flash_attn_func)
-    monkeypatch.setattr(gpt, "flash_usable", lambda q: True)
+    monkeypatch.setattr(attention, "flash_attn_func", fake_flash_attn_func)
+    monkeypatch.setattr(attention, "flash_usable", lambda q: True)
     torch.testing.assert_close(model(idx), reference, rtol=0, atol=1e-5)

@@ -18,10 +18,12 @@ from nanochat.training.optim import (
     MuonAdamW,
     base_lrs,
     build_optimizer,
-    lr_multiplier,
-    muon_momentum,
+    equalize_rows,
+    normuon,
     orthogonalize,
+    renormalize,
 )
+from nanochat.training.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -110,6 +112,54 @@ def test_muon_two_steps_match_a_hand_computed_reference(weight_decay, cautious):
         assert not torch.equal(p.detach(), p0)
 
 
+def test_normuon_evens_rows_and_keeps_the_norm_hand_computed():
+    # A tall 3x2 matrix: one statistic per row. Mean squares 4.5, 8, 0; from a zero EMA
+    # with beta2 0.9 the moments are 0.45, 0.8, 0. Dividing by their roots makes both
+    # non-zero rows 3/sqrt(.45) = 4/sqrt(.8) = 4.472 long; rescaling to the old Frobenius
+    # norm 5 leaves 5/sqrt(2) = 3.5355 on each.
+    U = torch.tensor([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]])
+    moment = torch.zeros(3, 1)
+    out = normuon(U, moment, beta2=0.9)
+    torch.testing.assert_close(moment, torch.tensor([[0.45], [0.8], [0.0]]))
+    torch.testing.assert_close(
+        out, torch.tensor([[3.5355, 0.0], [0.0, 3.5355], [0.0, 0.0]]), atol=1e-4, rtol=0
+    )
+    # A wide matrix keeps one statistic per column: the transpose gives the transpose.
+    moment_t = torch.zeros(1, 3)
+    torch.testing.assert_close(normuon(U.T, moment_t, beta2=0.9), out.T)
+    torch.testing.assert_close(moment_t, moment.T)
+
+
+def test_equalize_rows_and_renormalize_hand_computed():
+    # Rows of norm 5 and 1 -> both the mean row norm sqrt((25 + 1) / 2) = sqrt(13).
+    X = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    expected = torch.tensor([[3.0, 4.0], [5.0, 0.0]]) * math.sqrt(13) / 5
+    torch.testing.assert_close(equalize_rows(X), expected)
+    # Muon+: Frobenius norm snapped to sqrt(min(2, 3)) = sqrt(2).
+    U = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(renormalize(U), U * math.sqrt(2) / 2)
+
+
+def test_muon_with_every_refinement_matches_the_composed_functions():
+    p0 = _randn(12, 6, seed=1)
+    grads = [_randn(12, 6, seed=2), _randn(12, 6, seed=3)]
+    p = p0.clone().requires_grad_()
+    opt = MuonAdamW(
+        [dict(kind="muon", params=[p], lr=0.1, momentum=0.9, row_equalize=True,
+              renormalize=True, normuon_beta2=0.9)]
+    )  # fmt: skip
+    expected, buf, moment = p0.clone(), torch.zeros_like(p0), torch.zeros(12, 1)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g
+        lookahead = 0.1 * g + 0.9 * buf
+        update = normuon(renormalize(orthogonalize(equalize_rows(lookahead))), moment, 0.9)
+        expected = expected - 0.1 * update * math.sqrt(12 / 6)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(opt.state[p]["second_moment"], moment)
+
+
 def test_adamw_groups_match_torch_adamw():
     hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
     start = [_randn(5, 7, seed=5), _randn(seed=6)]  # a matrix and a 0-d scalar
@@ -166,6 +216,19 @@ def test_build_optimizer_groups_and_validation():
     ]
     assert all(g["lr"] == g["initial_lr"] for g in opt.param_groups)
     assert opt.param_groups[1]["betas"] == (0.8, 0.95) and opt.param_groups[1]["eps"] == 1e-10
+    assert [g["initial_wd"] for g in opt.param_groups] == [0.0, 0.0]
+    assert opt.param_groups[0]["normuon_beta2"] == 0 and not opt.param_groups[0]["row_equalize"]
+    head = [torch.nn.Parameter(torch.zeros(3, 4))]
+    tuned = build_optimizer(
+        {"matrices": matrices, "embedding": embedding, "head": head}, 768, 2**19,
+        weight_decay=0.2, normuon=True, muon_eq=True, adam_betas="split",
+    )  # fmt: skip
+    muon, emb, out = tuned.param_groups
+    assert muon["initial_wd"] == muon["weight_decay"] == 0.2 and emb["initial_wd"] == 0.0
+    assert muon["normuon_beta2"] == 0.9 and muon["row_equalize"] and muon["renormalize"]
+    assert emb["betas"] == (0.8, 0.995) and out["betas"] == (0.8, 0.96)
+    with pytest.raises(ValueError, match="adam_betas"):
+        build_optimizer({"matrices": matrices}, 768, 2**19, adam_betas="fancy")
     assert opt.world_size == 1 and all(opt.owns(p) for p in matrices + embedding)
     with pytest.raises(ValueError, match="unknown parameter groups"):
         build_optimizer({"bias": embedding}, 768, 2**19)
@@ -188,8 +251,10 @@ def test_lr_multiplier_warmup_flat_warmdown():
     assert lr_multiplier(675, total) == pytest.approx(0.5 * (1 + 0.05))
     assert lr_multiplier(999, total) == pytest.approx(0.05 + 0.95 / 650)
     assert lr_multiplier(1000, total) == pytest.approx(0.05)
-    # a run too short for both ramps takes the lower one
-    assert lr_multiplier(9, 20) == pytest.approx(min(10 / 40, 11 / 13 + 2 / 13 * 0.05))
+    # a run too short for both ramps: inside the warmup, the warmup wins (as upstream)
+    assert lr_multiplier(9, 20) == pytest.approx(10 / 40)
+    assert lr_multiplier(39, 80) == 1.0  # warmdown began at step 28, warmup still wins
+    assert lr_multiplier(40, 80) == pytest.approx(40 / 52 + 12 / 52 * 0.05)
 
 
 def test_muon_momentum_ramp():
@@ -199,18 +264,38 @@ def test_muon_momentum_ramp():
     assert muon_momentum(5000) == pytest.approx(0.95)
 
 
+def test_muon_momentum_cycle():
+    total = 2000  # warmdown from step 700 to 2000
+    assert muon_momentum(0, total, "cycle") == pytest.approx(0.85)
+    assert muon_momentum(200, total, "cycle") == pytest.approx(0.91)
+    assert muon_momentum(400, total, "cycle") == pytest.approx(0.97)
+    assert muon_momentum(700, total, "cycle") == pytest.approx(0.97)
+    assert muon_momentum(1350, total, "cycle") == pytest.approx(0.935)
+    assert muon_momentum(2000, total, "cycle") == pytest.approx(0.90)
+    # a short run: the ramp wins while it lasts
+    assert muon_momentum(79, 80, "cycle") == pytest.approx(0.85 + 0.12 * 79 / 400)
+    with pytest.raises(ValueError, match="momentum schedule"):
+        muon_momentum(0, total, "sawtooth")
+
+
+def test_weight_decay_multiplier_is_a_cosine_to_zero():
+    assert weight_decay_multiplier(0, 100) == 1.0
+    assert weight_decay_multiplier(50, 100) == pytest.approx(0.5)
+    assert weight_decay_multiplier(100, 100) == pytest.approx(0.0)
+
+
 def test_base_lrs_scale_with_width_and_batch():
-    assert base_lrs(768, 2**19) == pytest.approx(
-        {"matrices": 0.02, "embedding": 0.3, "head": 0.008, "scalars": 0.5}
-    )
-    wide = base_lrs(4 * 768, 2**19)  # (width/768)^-0.5 on embedding and head only
-    assert wide == pytest.approx(
-        {"matrices": 0.02, "embedding": 0.15, "head": 0.004, "scalars": 0.5}
-    )
+    def lrs(matrices, embedding, head, scalars, gates):
+        return {
+            "matrices": matrices, "embedding": embedding, "value_embeds": embedding / 2,
+            "head": head, "resid_scalars": scalars / 100, "scalars": scalars, "gates": gates,
+        }  # fmt: skip
+
+    assert base_lrs(768, 2**19) == pytest.approx(lrs(0.02, 0.3, 0.008, 0.5, 0.2))
+    wide = base_lrs(4 * 768, 2**19)  # (width/768)^-0.5 on the embeddings and head only
+    assert wide == pytest.approx(lrs(0.02, 0.15, 0.004, 0.5, 0.2))
     big_batch = base_lrs(768, 2**21)  # sqrt(B / 2**19) = 2 on every LR
-    assert big_batch == pytest.approx(
-        {"matrices": 0.04, "embedding": 0.6, "head": 0.016, "scalars": 1.0}
-    )
+    assert big_batch == pytest.approx(lrs(0.04, 0.6, 0.016, 1.0, 0.4))
 
 
 # ------------------------------------------------------------------------- distributed
@@ -255,14 +340,16 @@ def loss_fn(groups, tokens, targets):
 
 
 def new_optimizer(groups):
-    return build_optimizer(groups, width=768, total_batch_tokens=2**19, weight_decay=0.1)
+    return build_optimizer(
+        groups, width=768, total_batch_tokens=2**19, weight_decay=0.1, normuon=True, muon_eq=True
+    )
 
 
 def train_step(opt, groups, tokens, targets, step):
     for group in opt.param_groups:
         group["lr"] = group["initial_lr"] * lr_multiplier(step, TOTAL_STEPS, warmup_steps=2)
         if group["kind"] == "muon":
-            group["momentum"] = muon_momentum(step, ramp_steps=TOTAL_STEPS)
+            group["momentum"] = muon_momentum(step, TOTAL_STEPS, "cycle")
     opt.zero_grad(set_to_none=True)
     loss_fn(groups, tokens, targets).backward()
     opt.step()

@@ -122,8 +122,22 @@ def test_exact_pretrain_dry_run_through_make():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- "
-        "--depth=12 --dataset=climbmix"
+        "--depth=12 --dataset=climbmix --ratio=12 --window-pattern=L"
     )
+
+
+@pytest.mark.parametrize(
+    "target, module",
+    [("bench", "bench_train"), ("bench-engine", "bench_engine"), ("ablate", "ablate")],
+)
+def test_bench_tools_take_base_dir_and_dry_run(tmp_path, target, module):
+    result = run_cli(
+        ["make", "--no-print-directory", target, f"BASE_DIR={tmp_path}", "DRY_RUN=1", "ARGS=--help"]
+    )
+    assert result.returncode == 0, result.stderr
+    command, note = result.stdout.strip().splitlines()
+    assert command.endswith(f"-m scripts.{module} --help")
+    assert note == f"# dry run: nothing ran; the command gets NANOCHAT_BASE_DIR={tmp_path}"
 
 
 def test_make_and_invoke_print_the_same_command():
