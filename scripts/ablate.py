@@ -7,8 +7,9 @@
 
 A cell is (row, depth, epochs, seed). Each row is the baseline recipe (every switch off,
 no weight decay, the classic schedules) plus one change, or the current defaults; each
-cell is one real ``scripts.base_train`` run on the embedded corpus at the tiny preset's
-shape (context 256, 8,192 tokens per step, LR x4; ~640K tokens make one epoch), with the
+cell is one real ``scripts.base_train`` run on the embedded corpus at a fixed shape of its
+own (``SHAPE``: the tiny preset's when it was written, kept so that results stay comparable
+if the preset changes: context 256, 8,192 tokens per step, LR x4, ~640K tokens an epoch), with the
 val bits per byte evaluated every 40 steps on the whole val split, each token once. A
 finished cell appends one JSON line to ``--results`` (default
 docs/ablation/results.jsonl, kept in the repository), so a long ablation resumes where it

@@ -107,6 +107,7 @@ class Pretraining(Trainer):
     and samples when due, and the report section with the throughput."""
 
     name = "pretrain"
+    legacy_config = recipe.LEGACY  # checkpoints from before the recipe's switches
 
     def __init__(self, args, rt, tokenizer, train_paths, val_path, base: Path):
         from nanochat.data.dataloader import PackedLoader

@@ -40,7 +40,7 @@ def build_parser() -> CliParser:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--record", action="store_true", help="append the row to docs/benchmarks.md")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls (H100, torchao)")
-    recipe.add_arguments(p)
+    recipe.add_arguments(p, schedules=False)
     return p
 
 

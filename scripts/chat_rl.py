@@ -201,7 +201,7 @@ class GSM8KReinforce(Trainer):
     def __init__(self, args, rt, model, tokenizer, meta, train_task, test_task, base: Path):
         from nanochat.inference.engine import Engine
         from nanochat.model import gpt
-        from nanochat.training import checkpoint, optim, run_state
+        from nanochat.training import checkpoint, optim, recipe, run_state
 
         self.args, self.rt, self.tokenizer, self.base = args, rt, tokenizer, base
         self.train_task, self.test_task = train_task, test_task
@@ -215,8 +215,9 @@ class GSM8KReinforce(Trainer):
         self.num_steps = args.num_steps or max(1, len(train_task) // args.prompts_per_step)
         reply_tokens = args.prompts_per_step * args.samples * args.max_new_tokens
         self.optimizer = optim.build_optimizer(
-            gpt.param_groups(model), self.config.n_embd, reply_tokens
-        )
+            gpt.param_groups(model), self.config.n_embd, reply_tokens,
+            **recipe.optimizer_defaults(),
+        )  # fmt: skip
         run_state.scale_lrs(self.optimizer, args.lr_scale * args.init_lr_frac)
         self.tag = args.tag or meta["tag"]
         self.ckpt_dir = checkpoint.checkpoint_dir(base, "rl", self.tag)

@@ -243,7 +243,7 @@ class EvalRows:
             raise ValueError(f"{len(stream)} token(s) to evaluate in {[str(p) for p in paths]}")
         stream = stream[:need]
         n_rows = -(-(len(stream) - 1) // seq_len)
-        rows = torch.full((n_rows, seq_len + 1), -1, dtype=torch.long)
+        rows = torch.full((n_rows, seq_len + 1), -1, dtype=torch.int32)  # half the memory
         for i in range(n_rows):
             piece = stream[i * seq_len : i * seq_len + seq_len + 1]
             rows[i, : len(piece)] = torch.tensor(piece)
@@ -254,7 +254,7 @@ class EvalRows:
         self, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(rank * self.batch_size, len(self.rows), world_size * self.batch_size):
-            rows = self.rows[start : start + self.batch_size]
+            rows = self.rows[start : start + self.batch_size].long()
             if len(rows) < self.batch_size:  # the same shape every batch (compiled models)
                 pad = torch.full((self.batch_size - len(rows), self.seq_len + 1), -1)
                 rows = torch.cat((rows, pad))

@@ -111,11 +111,13 @@ def flex_usable(q: torch.Tensor, window: int | None) -> bool:
     return window is not None and window < q.size(2) and q.is_cuda
 
 
+@torch.compiler.disable  # built eagerly, once, even inside a compiled model (a graph break)
 @functools.lru_cache(maxsize=32)
 def windowed_block_mask(n: int, window: int, device: torch.device):
     """The block mask of causal attention over ``n`` positions, each query seeing itself and
     the ``window - 1`` keys before it. Built once per (length, window, device): blocks wholly
-    outside the window are skipped by the kernel, not computed and masked."""
+    outside the window are skipped by the kernel, not computed and masked. torch.compile
+    would trace through the cache and rebuild the mask every call, so it stays outside."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def keep(_batch, _head, query, key):
@@ -135,7 +137,9 @@ def flex_windowed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, compiled: bool = True
 ) -> torch.Tensor:
     """Causal sliding-window attention through flex attention; (B, H, T, D) in and out, GQA
-    native. ``compiled=False`` runs flex's unfused reference (the CPU tests use it)."""
+    native. The kernel is compiled whatever --compile says (flex's eager path materializes
+    every score: a reference, not a kernel); ``compiled=False`` runs that reference (the CPU
+    tests use it)."""
     mask = windowed_block_mask(q.size(2), window, q.device)
     kernel = _flex_kernel(compiled)
     return kernel(q, k, v, block_mask=mask, enable_gqa=k.size(1) != q.size(1))
@@ -293,9 +297,10 @@ class CausalSelfAttention(nn.Module):
         if value_embed is not None:
             # ResFormer value residual: a gate in (0, 3) per kv head and position.
             gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
-            v = v + gate.transpose(1, 2).unsqueeze(-1) * self.split_heads(
+            mixed = gate.transpose(1, 2).unsqueeze(-1) * self.split_heads(
                 value_embed, self.n_kv_head
             )
+            v = v + mixed.to(v.dtype)  # fp32 tables must not lift bf16 attention to fp32
         cos, sin = rotary
         q = apply_rotary(norm(q) * QK_SCALE, cos, sin).to(v.dtype)
         k = apply_rotary(norm(k) * QK_SCALE, cos, sin).to(v.dtype)

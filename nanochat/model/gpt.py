@@ -71,7 +71,11 @@ LOSS_REDUCTIONS = ("mean", "none")
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The model's shape. ``config_for_depth`` derives it from one number, the depth."""
+    """The model's shape. ``config_for_depth`` derives it from one number, the depth.
+
+    The optional fields default to the plain model (every extra off): that is what a
+    checkpoint saved without the field holds. Which extras a new run turns on is the
+    recipe's choice (``nanochat.training.recipe``), not these defaults."""
 
     vocab_size: int
     n_layer: int
@@ -121,7 +125,8 @@ def config_for_depth(
     layers, width 64*depth rounded up to 128, heads of 128.
 
     ``n_kv_head`` defaults to the number of query heads (plain multi-head attention);
-    ``extras`` are GPTConfig's optional flags (window_pattern, residual_scalars, value_embeds).
+    ``extras`` are GPTConfig's optional flags (window_pattern, residual_scalars, value_embeds,
+    smear, backout).
     """
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
@@ -262,9 +267,8 @@ class GPT(nn.Module):
         * x[t-1]. Position 0 of a sequence has no predecessor; with a cache, the first new
         token's predecessor is the last cached one (kept in ``kv_cache.prev_embed``)."""
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        gate = gate.to(x.dtype)
         before = None if kv_cache is None or kv_cache.pos == 0 else kv_cache.prev_embed
-        if kv_cache is not None:
-            kv_cache.prev_embed = x[:, -1:].detach()
         if before is None:
             return torch.cat((x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]), dim=1)
         previous = torch.cat((before.to(x.dtype), x[:, :-1]), dim=1)
@@ -296,6 +300,7 @@ class GPT(nn.Module):
         masks = {w: attention_mask(start, T, w, idx.device) for w in set(self.window_sizes)}
 
         x = norm(self.wte(idx))
+        last_embed = x[:, -1:].detach()  # smear: the next call's predecessor, once cached
         if self.config.smear:
             x = self.smear(x, kv_cache)
         x0 = x
@@ -312,8 +317,9 @@ class GPT(nn.Module):
                 middle = x
         if kv_cache is not None:
             kv_cache.advance(T)
+            kv_cache.prev_embed = last_embed
         if self.config.backout:
-            x = x - self.backout_lambda * middle
+            x = x - (self.backout_lambda * middle).to(x.dtype)
 
         logits = self.lm_head(norm(x)).float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

@@ -103,7 +103,7 @@ class ChatTraining(Trainer):
     def __init__(self, args, stage, rt, model, tokenizer, meta, train_task, val_task, base):
         from nanochat.evaluation.loss_eval import token_bytes
         from nanochat.model import gpt
-        from nanochat.training import checkpoint, optim, run_state
+        from nanochat.training import checkpoint, optim, recipe, run_state
 
         self.args, self.stage, self.rt, self.tokenizer = args, stage, rt, tokenizer
         self.train_task, self.val_task, self.base = train_task, val_task, base
@@ -124,7 +124,9 @@ class ChatTraining(Trainer):
         if self.seq_len > config.sequence_len:
             raise UsageError(f"--seq-len {self.seq_len} exceeds the model's {config.sequence_len}")
         total_batch = self._plan_batches(args)
-        self.optimizer = optim.build_optimizer(gpt.param_groups(model), config.n_embd, total_batch)
+        self.optimizer = optim.build_optimizer(
+            gpt.param_groups(model), config.n_embd, total_batch, **recipe.optimizer_defaults()
+        )
         run_state.scale_lrs(self.optimizer, args.lr_scale * stage.lr_frac)
         self.loader = self._loader(train_task)
         self.tag = args.tag or meta["tag"]

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nanochat.training.recipe import ADAM_BETA_CHOICES
+
 # Polar Express (Amsel et al. 2025, arXiv:2505.16932) per-step (a, b, c) of the quintic
 # X <- a X + b (X X^T) X + c (X X^T)^2 X, tuned for 5 steps with a 2% safety margin on the
 # normalization (hence NORM_SAFETY); the same table modded-nanogpt and nanochat use.
@@ -79,7 +81,6 @@ ADAM_BETAS = (0.8, 0.95)
 ADAM_EPS = 1e-10
 # "split" Adam betas (upstream 2026): the head (0.8, 0.96), the embeddings (0.8, 0.995);
 # the other Adam groups keep ADAM_BETAS. "classic": ADAM_BETAS everywhere.
-ADAM_BETA_CHOICES = ("classic", "split")
 SPLIT_ADAM_BETAS = {"head": (0.8, 0.96), "embedding": (0.8, 0.995), "value_embeds": (0.8, 0.995)}
 NORMUON_BETA2 = 0.9
 
@@ -187,9 +188,9 @@ class MuonAdamW(torch.optim.Optimizer):
         o <- orthogonalize(u)
         o <- renormalize(o)                        (only with ``renormalize``)
         o <- normuon(o, v, beta2)                  (only with ``normuon_beta2`` > 0)
-        o <- o * sqrt(max(1, rows/cols))
-        p <- p - lr wd mask * p - lr o             (mask = 1, or with ``cautious_wd`` only
-                                                    where sign(o) == sign(p))
+        s <- sqrt(max(1, rows/cols))
+        p <- p - lr s wd mask * p - lr s o         (mask = 1, or with ``cautious_wd`` only
+                                                    where o * p >= 0)
     AdamW step: exactly torch.optim.AdamW (bias correction, decoupled decay p *= 1 - lr wd).
 
     Distributed: see the module docstring. Every rank must call ``step()`` with the same
@@ -349,11 +350,13 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _apply_muon(p: Tensor, update: Tensor, group: dict) -> None:
+        """``update`` comes scaled by ``muon_scale``; the decay takes the same scale (as
+        upstream: one per-matrix step size for both terms)."""
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
-            decay = lr * wd
+            decay = lr * muon_scale(p.shape) * wd
             if group["cautious_wd"]:
-                decay = decay * (update * p > 0).to(p.dtype)
+                decay = decay * (update * p >= 0).to(p.dtype)
             p.mul_(1 - decay)
         p.sub_(lr * update.to(p.dtype))
 
@@ -393,6 +396,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if world is not None and world != here:
             raise ValueError(f"optimizer state saved by {world} cannot load into {here}")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # fields newer than the state take their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
 
 # ----------------------------------------------------------------------------- building

@@ -2,16 +2,21 @@
 
 Where it fits: ``scripts.base_train`` adds these flags (``add_arguments``) and turns them into
 the model's ``GPTConfig`` fields (``model_options``), the optimizer's options
-(``optimizer_options``) and the schedules; ``scripts.ablate`` toggles them one at a time to
-measure each (docs/benchmarks.md, "The 2026 recipe"). This table is the one place the
-defaults live: a feature is on by default only where the ablation measured a win beyond the
-spread of three seeds.
+(``optimizer_options``) and the schedules; the chat stages take the optimizer defaults
+(``optimizer_defaults``); ``scripts.ablate`` toggles them one at a time to measure each
+(docs/benchmarks.md, "The 2026 recipe"). This table is the one place the recipe's defaults
+live (GPTConfig's and build_optimizer's own defaults are the plain model and optimizer: every
+extra off). A feature is turned on by default only where the ablation measures a win beyond
+the spread of three seeds; until it has, every switch is off. Torch-free: the launcher reads
+these flags.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
+from nanochat.training.schedules import MOMENTUM_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,23 @@ SWITCHES = (
 WINDOW_PATTERN = "L"  # "L": full context everywhere; e.g. "SSSL" for sliding windows
 WEIGHT_DECAY = 0.0  # cautious decay of the Muon matrices at d12 and 2^19 tokens (scaled)
 MOMENTUM = "ramp"  # Muon momentum schedule (nanochat.training.schedules)
-ADAM_BETAS = "classic"  # "split": the head (0.8, 0.96), the embeddings (0.8, 0.995)
+ADAM_BETA_CHOICES = ("classic", "split")  # split: the head (0.8, 0.96), embeddings (0.8, 0.995)
+ADAM_BETAS = "classic"
+# What a checkpoint saved before these switches existed was trained with: every switch off,
+# no decay, the ramp, classic betas, full attention (a resume fills its missing keys so).
+LEGACY = {
+    "window_pattern": "L",
+    **{switch.name: False for switch in SWITCHES},
+    "adam_betas": "classic",
+    "weight_decay": 0.0,
+    "momentum": "ramp",
+}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The recipe's flags on a trainer's parser."""
-    group = p.add_argument_group("recipe (defaults follow the ablation in docs/benchmarks.md)")
+def add_arguments(p: argparse.ArgumentParser, schedules: bool = True) -> None:
+    """The recipe's flags on a parser; ``schedules=False`` leaves out the per-step ones
+    (--weight-decay's schedule and --momentum: a one-step benchmark has none)."""
+    group = p.add_argument_group("recipe (defaults: see docs/benchmarks.md, The 2026 recipe)")
     for switch in SWITCHES:
         group.add_argument(
             f"--{switch.name.replace('_', '-')}",
@@ -55,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"L = all; the last layer is always L (default {WINDOW_PATTERN})",
     )
     group.add_argument(
+        "--adam-betas",
+        choices=ADAM_BETA_CHOICES,
+        default=ADAM_BETAS,
+        help="classic = (0.8, 0.95) everywhere; split = the head (0.8, 0.96), the "
+        f"embeddings (0.8, 0.995) (default {ADAM_BETAS})",
+    )
+    if not schedules:
+        return
+    group.add_argument(
         "--weight-decay",
         type=float,
         default=WEIGHT_DECAY,
@@ -64,17 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--momentum",
-        choices=("ramp", "cycle"),
+        choices=MOMENTUM_SCHEDULES,
         default=MOMENTUM,
         help="Muon momentum: ramp = 0.85 -> 0.95 over 300 steps; cycle = 0.85 -> 0.97 over "
         f"400 steps, back to 0.90 in the warmdown (default {MOMENTUM})",
-    )
-    group.add_argument(
-        "--adam-betas",
-        choices=("classic", "split"),
-        default=ADAM_BETAS,
-        help="classic = (0.8, 0.95) everywhere; split = the head (0.8, 0.96), the "
-        f"embeddings (0.8, 0.995) (default {ADAM_BETAS})",
     )
 
 
@@ -88,6 +106,13 @@ def optimizer_options(args) -> dict:
     """``build_optimizer``'s options the flags set (the weight decay is scaled separately)."""
     options = {s.name: getattr(args, s.name) for s in SWITCHES if s.target == "optimizer"}
     return {"adam_betas": args.adam_betas, **options}
+
+
+def optimizer_defaults() -> dict:
+    """``build_optimizer``'s options as the recipe's defaults set them (the chat stages,
+    which have no recipe flags of their own)."""
+    options = {s.name: s.default for s in SWITCHES if s.target == "optimizer"}
+    return {"adam_betas": ADAM_BETAS, **options}
 
 
 def describe(args) -> str:

@@ -137,15 +137,16 @@ def save(ckpt_dir, step, run_config, model, optimizer, position, rt, bpb) -> Non
         log(f"checkpoint step {step} -> {ckpt_dir}")
 
 
-def resume(found, run_config, model, optimizer, position, rt) -> int:
+def resume(found, run_config, model, optimizer, position, rt, legacy=None) -> int:
     """Load a checkpoint saved by ``save`` into the run; its step. A checkpoint made with
     other settings (``run_config`` differs) is refused: resuming it would not continue the
-    same run."""
+    same run. ``legacy`` fills settings a checkpoint older than them lacks (what it was
+    trained with)."""
     import torch
 
     from nanochat.training import checkpoint
 
-    saved = found.meta.get("run_config", {})
+    saved = {**(legacy or {}), **found.meta.get("run_config", {})}
     differs = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
     if differs:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differs.items())
@@ -166,7 +167,7 @@ def resume(found, run_config, model, optimizer, position, rt) -> int:
     return found.step
 
 
-def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt):
+def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt, legacy=None):
     """Take the tag (``checkpoint.start_point``: its run lock and the ``--resume`` policy) and
     resume its checkpoint if there is one: (start step, the checkpoint found or None)."""
     from nanochat.training import checkpoint
@@ -174,7 +175,7 @@ def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt
     found = checkpoint.start_point(ckpt_dir, policy, rt.master, rt.barrier, rt.agree)
     if not found:
         return 0, None
-    return resume(found, run_config, model, optimizer, position, rt), found
+    return resume(found, run_config, model, optimizer, position, rt, legacy), found
 
 
 # --- warm start: a chat stage's optimizer from its source checkpoint -------------------------
@@ -183,8 +184,11 @@ def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt
 def optimizer_mismatch(optimizer, saved) -> str | None:
     """Why ``saved`` (one rank's ``MuonAdamW.state_dict()``) cannot seed ``optimizer``, or None
     when it fits: the same rank of the same world, the same groups (name, kind, size) and every
-    state tensor shaped like its parameter, owned by this rank."""
+    state tensor shaped like its parameter (NorMuon's factored moment like its row or
+    column), owned by this rank."""
     import torch
+
+    from nanochat.training.optim import normuon_state_shape
 
     if not isinstance(saved, dict) or not {"state", "param_groups"} <= saved.keys():
         return "the source checkpoint holds no optimizer state"
@@ -206,7 +210,8 @@ def optimizer_mismatch(optimizer, saved) -> str | None:
         if not optimizer.owns(p):
             return "its optimizer shards are owned by other ranks"
         for key, value in state.items():
-            if torch.is_tensor(value) and value.ndim and value.shape != p.shape:
+            shape = p.shape if key != "second_moment" else normuon_state_shape(p.shape)
+            if torch.is_tensor(value) and value.ndim and value.shape != shape:
                 return (
                     f"its {key} of shape {tuple(value.shape)} does not fit a parameter of "
                     f"shape {tuple(p.shape)}"

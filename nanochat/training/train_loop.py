@@ -189,6 +189,7 @@ class Trainer:
     name = "train"
     eta_window = 20  # steps the ETA averages over
     bpb = None  # the latest val bits per byte, kept in the checkpoint's meta
+    legacy_config = None  # run_config values a checkpoint older than their keys was made with
 
     def start_or_resume(self, policy: str):
         """Take the tag (its run lock and the --resume policy) and resume its checkpoint if
@@ -197,7 +198,7 @@ class Trainer:
 
         self.start_step, found = run_state.start_or_resume(
             self.ckpt_dir, policy, self.run_config, self.model, self.optimizer, self.position,
-            self.rt,
+            self.rt, self.legacy_config,
         )  # fmt: skip
         return found
 

@@ -105,9 +105,10 @@ def test_muon_two_steps_match_a_hand_computed_reference(weight_decay, cautious):
 
         buf = beta * buf + (1 - beta) * g
         nesterov = (1 - beta) * g + beta * buf
-        update = orthogonalize(nesterov) * math.sqrt(12 / 6)
-        mask = (update * expected > 0).float() if cautious else torch.ones_like(expected)
-        expected = expected - lr * weight_decay * mask * expected - lr * update
+        scale = math.sqrt(12 / 6)  # tall: both the step and the decay take it
+        update = orthogonalize(nesterov) * scale
+        mask = (update * expected >= 0).float() if cautious else torch.ones_like(expected)
+        expected = expected - lr * scale * weight_decay * mask * expected - lr * update
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-6)
         assert not torch.equal(p.detach(), p0)
 
@@ -452,6 +453,33 @@ def test_two_gloo_processes_match_one_process_and_shard_the_state(tmp_path):
     for r in ranks + [single]:
         for a, b in zip(r["next"], r["next_resumed"], strict=True):
             assert torch.equal(a, b)
+
+
+def test_state_saved_before_the_new_group_fields_loads_with_their_defaults():
+    _, groups = make_model()
+    opt = new_optimizer(groups)
+    tokens, targets = fixed_batch()
+    train_step(opt, groups, tokens, targets, 0)
+    old = opt.state_dict()
+    for group in old["param_groups"]:  # as written before NorMuon and the decay schedule
+        for key in ("normuon_beta2", "row_equalize", "renormalize", "initial_wd"):
+            group.pop(key, None)
+    fresh = new_optimizer(groups)
+    fresh.load_state_dict(old)
+    muon = fresh.param_groups[0]
+    assert muon["normuon_beta2"] == 0.0 and muon["row_equalize"] is False
+    train_step(fresh, groups, tokens, targets, 1)  # and it steps
+
+
+def test_a_normuon_state_seeds_a_chat_stage_optimizer():
+    from nanochat.training.run_state import optimizer_mismatch
+
+    _, groups = make_model()
+    opt = new_optimizer(groups)
+    tokens, targets = fixed_batch()
+    train_step(opt, groups, tokens, targets, 0)
+    assert any("second_moment" in state for state in opt.state.values())
+    assert optimizer_mismatch(new_optimizer(groups), opt.state_dict()) is None
 
 
 def test_state_saved_by_another_world_does_not_load():
