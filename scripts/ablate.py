@@ -59,6 +59,11 @@ ROWS = {
     "smear": ("--smear",),
     "backout": ("--backout",),
     "windows SSSL": ("--window-pattern=SSSL",),
+    # Against the collapse at three epochs: a stronger decay, the recipe's own LR (the
+    # tiny shape's x4 was fitted for one epoch), and the one-epoch winners together.
+    "weight decay 2.0": ("--weight-decay=2.0",),
+    "lr scale 1": ("--lr-scale=1",),
+    "smear + windows + value embeds": ("--smear", "--window-pattern=SSSL", "--value-embeds"),
 }
 DEFAULTS_ROW = "defaults"  # the current defaults (no flags): what the table decided
 VAL_LINE = re.compile(r"(?:step (\d+): val bpb|done: val bpb) ([0-9.]+)")

@@ -27,6 +27,9 @@ def test_every_row_is_a_pretraining_command_that_differs_from_the_baseline_as_na
         "smear": {"smear"},
         "backout": {"backout"},
         "windows SSSL": {"window_pattern"},
+        "weight decay 2.0": {"weight_decay"},
+        "lr scale 1": {"lr_scale"},
+        "smear + windows + value embeds": {"smear", "window_pattern", "value_embeds"},
     }[row]
     assert changed == expected
     # the baseline turns every switch off, whatever the defaults say
