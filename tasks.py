@@ -62,8 +62,8 @@ def _stage_task(stage_name: str, summary: str) -> Task:
     return _knob_task(stage_name, summary, lambda **knobs: launch(stage_name, **knobs))
 
 
-def _run(c, argv: list[str]) -> None:
-    result = c.run(shlex.join(argv), warn=True, pty=False)
+def _run(c, argv: list[str], env: dict | None = None) -> None:
+    result = c.run(shlex.join(argv), warn=True, pty=False, env=env or {})
     if result.exited:
         raise Exit(code=result.exited)
 
@@ -93,9 +93,7 @@ def _tool(c, module: str, args: str, base_dir, dry_run: bool) -> None:
         print(shlex.join(argv))
         print(f"# dry run: nothing ran; the command gets NANOCHAT_BASE_DIR={base}")
         return
-    result = c.run(shlex.join(argv), warn=True, pty=False, env={"NANOCHAT_BASE_DIR": str(base)})
-    if result.exited:
-        raise Exit(code=result.exited)
+    _run(c, argv, env={"NANOCHAT_BASE_DIR": str(base)})
 
 
 TOOL_HELP = {"base_dir": "artifacts root (BASE_DIR)", "dry_run": "print the command, run nothing"}

@@ -33,7 +33,15 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat.common import CliParser, UsageError, base_dir, log, run_main
+from nanochat.common import (
+    CliParser,
+    UsageError,
+    atomic_write_text,
+    base_dir,
+    log,
+    positive_int,
+    run_main,
+)
 from nanochat.training import recipe
 
 STEPS_PER_EPOCH = 80  # 80 x 8,192 tokens ~ one pass over the embedded training split
@@ -42,11 +50,9 @@ SHAPE = (
     "--lr-scale=4", "--eval-every=40", "--eval-batches=10", "--save-every=0",
     "--core-every=0", "--sample-every=0", "--resume=never", "--compile=off",
 )  # fmt: skip
-# Every switch off, no weight decay, full attention, the classic schedules.
-BASELINE = (
-    "--weight-decay=0", "--momentum=ramp", "--adam-betas=classic", "--window-pattern=L",
-    *(f"--no-{switch.name.replace('_', '-')}" for switch in recipe.SWITCHES),
-)  # fmt: skip
+# The recipe before issue 14: every switch off, no decay, the ramp, classic betas, full
+# attention (what recipe.LEGACY records for old checkpoints).
+BASELINE = recipe.as_flags(recipe.LEGACY)
 # Each row: the baseline, then these flags (argparse keeps the last occurrence).
 ROWS = {
     "baseline": (),
@@ -72,9 +78,9 @@ VAL_LINE = re.compile(r"(?:step (\d+): val bpb|done: val bpb) ([0-9.]+)")
 def build_parser() -> CliParser:
     p = CliParser(prog="python -m scripts.ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", choices=(*ROWS, DEFAULTS_ROW), default=list(ROWS))
-    p.add_argument("--depths", nargs="+", type=int, default=[4, 6])
-    p.add_argument("--epochs", nargs="+", type=int, default=[1, 3])
-    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N per cell (default 3)")
+    p.add_argument("--depths", nargs="+", type=positive_int, default=[4, 6])
+    p.add_argument("--epochs", nargs="+", type=positive_int, default=[1, 3])
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 1..N per cell (default 3)")
     p.add_argument("--results", type=Path, default=Path("docs/ablation/results.jsonl"))
     p.add_argument("--table", action="store_true", help="print the table and stop")
     p.add_argument("--dry-run", action="store_true", help="list the cells to run and stop")
@@ -86,14 +92,26 @@ def cell_key(row: str, depth: int, epochs: int, seed: int) -> str:
 
 
 def load_results(path: Path) -> dict[str, dict]:
+    """The finished cells by key; a line that is not a whole record (a write cut short
+    before results were written atomically) is dropped with a note, and its cell runs again."""
     if not path.is_file():
         return {}
-    results = {}
+    results, torn = {}, 0
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             record = json.loads(line)
             results[record["key"]] = record
+        except (ValueError, KeyError, TypeError):
+            torn += bool(line.strip())
+    if torn:
+        log(f"ablate: {path}: {torn} line(s) that are not whole records, their cells run again")
     return results
+
+
+def add_result(path: Path, record: dict) -> None:
+    """Append one cell's record: the whole file rewritten atomically (a kill keeps the old)."""
+    records = [*load_results(path).values(), record]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def prepare(folder: Path) -> None:
@@ -196,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for n, cell in enumerate(todo, 1):
         record = run_cell(folder, *cell)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        add_result(args.results, record)
         log(f"ablate {n}/{len(todo)}: {record['key']} final {record['final_bpb']:.4f} "
             f"best {record['best_bpb']:.4f} ({record['wall_s']:.0f} s)")  # fmt: skip
     print(table(load_results(args.results)))

@@ -326,12 +326,12 @@ def print_samples(model, tokenizer, context: int, rt) -> None:
     model.train()
 
 
-def planned(argv: list[str], processes: int, vocab: int):
+def planned(argv: list[str], processes: int, vocab: int, args=None):
     """The dial these flags give (``nanochat.model.dial.Dial``): what a run of this command trains.
     The launcher sizes downloads and prices runs with it (no torch)."""
     from nanochat.model import dial
 
-    args = build_parser().parse_args(argv)
+    args = args or build_parser().parse_args(argv)
     return dial.plan(
         args.depth, vocab, args.seq_len, args.device_batch, processes, args.ratio,
         args.total_batch, args.num_steps,
@@ -346,11 +346,11 @@ def explain(argv: list[str], processes: int, base: Path) -> list[str]:
     vocab, source = dial.DEFAULT_VOCAB, "assumed: no tokenizer yet"
     if meta.is_file():
         vocab, source = json.loads(meta.read_text())["vocab_size"], "from tokenizer.json"
+    args = build_parser().parse_args(argv)
     try:
-        the_dial = planned(argv, processes, vocab)
+        the_dial = planned(argv, processes, vocab, args)
     except UsageError as exc:
         return [f"warning: {exc}"]
-    args = build_parser().parse_args(argv)
     precision = "fp8 matmuls" if args.fp8 else "bf16 matmuls on CUDA"
     return [
         *the_dial.describe(),

@@ -297,7 +297,13 @@ class GPT(nn.Module):
                 f"position {start + T} is past the rotary tables ({self.rotary_len} positions)"
             )
         rotary = (self.cos[start : start + T], self.sin[start : start + T])
-        masks = {w: attention_mask(start, T, w, idx.device) for w in set(self.window_sizes)}
+        # Training on CUDA needs no mask (FlashAttention-3 or flex attention take the window,
+        # SDPA's is_causal the full layers); masks are for the CPU and cached decoding.
+        needs_mask = kv_cache is not None or not idx.is_cuda
+        masks = {
+            w: attention_mask(start, T, w, idx.device) if needs_mask else None
+            for w in set(self.window_sizes)
+        }
 
         x = norm(self.wte(idx))
         last_embed = x[:, -1:].detach()  # smear: the next call's predecessor, once cached

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from nanochat.common import non_negative_float
 from nanochat.training.schedules import MOMENTUM_SCHEDULES
 
 
@@ -53,6 +54,27 @@ LEGACY = {
 }
 
 
+def window_pattern(text: str) -> str:
+    """A --window-pattern value: S and L only (argparse turns the error into one line)."""
+    if not text or set(text.upper()) - {"S", "L"}:
+        raise argparse.ArgumentTypeError(
+            f"must be letters S (a quarter of the context) and L (all of it), got {text!r}"
+        )
+    return text.upper()
+
+
+def as_flags(config: dict) -> tuple[str, ...]:
+    """base_train's flags that set these recipe values (``as_config``'s keys)."""
+    flags = []
+    for key, value in config.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.append(f"--{name}={value}")
+    return tuple(flags)
+
+
 def add_arguments(p: argparse.ArgumentParser, schedules: bool = True) -> None:
     """The recipe's flags on a parser; ``schedules=False`` leaves out the per-step ones
     (--weight-decay's schedule and --momentum: a one-step benchmark has none)."""
@@ -66,6 +88,7 @@ def add_arguments(p: argparse.ArgumentParser, schedules: bool = True) -> None:
         )
     group.add_argument(
         "--window-pattern",
+        type=window_pattern,
         default=WINDOW_PATTERN,
         help=f"attention windows tiled over the layers, S = a quarter of the context, "
         f"L = all; the last layer is always L (default {WINDOW_PATTERN})",
@@ -81,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser, schedules: bool = True) -> None:
         return
     group.add_argument(
         "--weight-decay",
-        type=float,
+        type=non_negative_float,
         default=WEIGHT_DECAY,
         help="cautious weight decay of the Muon matrices at d12 and 2^19 tokens per step, "
         "scaled to the depth and batch and cosine-decayed to 0 over the run "

@@ -143,3 +143,39 @@ def test_make_exits_2_with_the_clear_line_first(argv, line, base_dir):
     # make adds its own "make: *** [...] Error 2" trailer after our line, nothing else.
     assert len(result.stderr.splitlines()) <= 2
     assert not base_dir.exists()
+
+
+RECIPE_CASES = [
+    (
+        ["scripts.base_train", "--window-pattern=SXL"],
+        "argument --window-pattern: must be letters S",
+    ),
+    (
+        ["scripts.base_train", "--weight-decay=-1"],
+        "argument --weight-decay: expected a number >= 0",
+    ),
+    (["scripts.base_train", "--momentum=sawtooth"], "argument --momentum: invalid choice"),
+    (["scripts.base_train", "--adam-betas=fancy"], "argument --adam-betas: invalid choice"),
+    (["scripts.bench_train", "--window-pattern=X"], "argument --window-pattern: must be letters"),
+    (["scripts.ablate", "--seeds", "0"], "argument --seeds: expected a positive integer"),
+    (["scripts.ablate", "--depths", "4", "-1"], "argument --depths: expected a positive integer"),
+    (["scripts.ablate", "--rows", "nonsense"], "argument --rows: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,line", RECIPE_CASES, ids=[" ".join(a) for a, _ in RECIPE_CASES])
+def test_recipe_and_ablation_flags_fail_in_one_line_before_any_work(argv, line, base_dir):
+    import sys
+
+    result = run_cli([sys.executable, "-m", *argv])
+    assert result.returncode == 2
+    assert line in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert not base_dir.exists()
+
+
+def test_bench_tools_refuse_a_dry_run_that_is_neither_on_nor_off(base_dir):
+    result = run_cli(["make", "--no-print-directory", "bench-engine", "DRY_RUN=maybe"])
+    assert result.returncode == 2
+    assert "DRY_RUN must be 1 or 0 (on or off), got 'maybe'" in result.stderr.splitlines()[0]
+    assert not base_dir.exists()

@@ -69,3 +69,14 @@ def test_finished_cells_are_skipped(tmp_path, capsys):
         "baseline|d4|1ep|s2",
         "smear|d4|1ep|s2",
     ]
+
+
+def test_a_torn_results_line_reruns_its_cell_and_keeps_the_rest(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    whole = json.dumps(record("baseline", 1, 2.5, 2.4))
+    results.write_text(whole + "\n" + whole[:40])  # a kill in the middle of a write
+    assert list(ablate.load_results(results)) == ["baseline|d4|1ep|s1"]
+    ablate.add_result(results, record("smear", 1, 2.4, 2.4))
+    assert sorted(ablate.load_results(results)) == ["baseline|d4|1ep|s1", "smear|d4|1ep|s1"]
+    assert all(json.loads(line) for line in results.read_text().splitlines())  # torn one gone
+    assert not list(tmp_path.glob("*.tmp*"))
