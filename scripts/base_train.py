@@ -16,6 +16,7 @@ Writes base_checkpoints/<tag>/ and report/pretrain.md (the stage's completion ma
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from nanochat.common import (
     run_main,
 )
 from nanochat.model.dial import SEQ_LEN
-from nanochat.training import recipe
+from nanochat.training import recipe, schedules
 from nanochat.training.train_loop import (
     StepResult,
     Trainer,
@@ -55,6 +56,14 @@ def build_parser() -> CliParser:
         type=float,
         default=1.0,
         help="multiply every base LR (tiny CPU batches are far below the recipe's 2^19 tokens)",
+    )
+    p.add_argument(
+        "--lr-scale-per-pass",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--lr-scale (above 1) is fitted for one pass over the data: a run of E passes "
+        "(the training split counted once, BOS included) takes scale / E**2, so training "
+        "longer on a small dataset does not memorize it (the tiny preset)",
     )
     p.add_argument("--num-steps", type=positive_int, help="steps (default: from --ratio)")
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (0 = end)")
@@ -107,7 +116,8 @@ class Pretraining(Trainer):
     and samples when due, and the report section with the throughput."""
 
     name = "pretrain"
-    legacy_config = recipe.LEGACY  # checkpoints from before the recipe's switches
+    # what a checkpoint from before the recipe's switches (and the per-pass LR) was made with
+    legacy_config = {**recipe.LEGACY, "lr_scale_per_pass": False}
 
     def __init__(self, args, rt, tokenizer, train_paths, val_path, base: Path):
         from nanochat.data.dataloader import PackedLoader
@@ -148,7 +158,14 @@ class Pretraining(Trainer):
             gpt.param_groups(self.model), self.config.n_embd, self.total_batch,
             weight_decay=self.weight_decay, **recipe.optimizer_options(args),
         )  # fmt: skip
-        run_state.scale_lrs(self.optimizer, args.lr_scale)
+        self.lr_scale, passes = args.lr_scale, None
+        if args.lr_scale_per_pass and args.lr_scale > 1:
+            from nanochat.data.dataloader import count_tokens
+
+            planned = self.num_steps * self.total_batch
+            passes = planned / count_tokens(train_paths, tokenizer, limit=planned)
+            self.lr_scale = schedules.lr_scale_for_passes(args.lr_scale, passes)
+        run_state.scale_lrs(self.optimizer, self.lr_scale)
         self.loader = PackedLoader(
             train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size,
             rt.device,
@@ -164,6 +181,7 @@ class Pretraining(Trainer):
             "dataset": args.dataset,
             "world_size": rt.world_size,
             "lr_scale": args.lr_scale,
+            "lr_scale_per_pass": args.lr_scale_per_pass,
             **recipe.as_config(args),
         }
         self.position = self.loader
@@ -183,6 +201,11 @@ class Pretraining(Trainer):
             for line in self.dial.describe():
                 log(line)
             log(f"{recipe.describe(args)} (decay here {self.weight_decay:.4g})")
+            if passes is not None:
+                log(
+                    f"LR scale {args.lr_scale:g} is for one pass over the data; this run makes "
+                    f"{passes:.2f} passes over its training split, so LRs x {self.lr_scale:.3g}"
+                )
             log(
                 f"pretrain d{args.depth}: accumulation {self.dial.accumulation}, "
                 f"{rt.world_size} process(es), {rt.dtype} on {rt.device.type}, "
@@ -208,18 +231,12 @@ class Pretraining(Trainer):
         return result
 
     def lr_multiplier(self, step: int) -> float:
-        from nanochat.training import schedules
-
         return schedules.lr_multiplier(step, self.num_steps)
 
     def muon_momentum(self, step: int) -> float:
-        from nanochat.training import schedules
-
         return schedules.muon_momentum(step, self.num_steps, self.args.momentum)
 
     def weight_decay_multiplier(self, step: int) -> float:
-        from nanochat.training import schedules
-
         return schedules.weight_decay_multiplier(step, self.num_steps)
 
     def before_step(self, step: int) -> None:
@@ -352,9 +369,12 @@ def explain(argv: list[str], processes: int, base: Path) -> list[str]:
     except UsageError as exc:
         return [f"warning: {exc}"]
     precision = "fp8 matmuls" if args.fp8 else "bf16 matmuls on CUDA"
+    lr = f"LRs x {args.lr_scale:g}"
+    if args.lr_scale_per_pass and args.lr_scale > 1:
+        lr += " for one pass over the training split, / passes^2 over more (counted at start)"
     return [
         *the_dial.describe(),
-        f"{recipe.describe(args)}; {precision}",
+        f"{recipe.describe(args)}; {precision}; {lr}",
         f"vocab {vocab:,} {source}",
     ]
 

@@ -49,6 +49,23 @@ def row_groups(paths: Sequence[Path]) -> list[tuple[int, int]]:
     return pairs
 
 
+def count_tokens(paths: Sequence[Path], tokenizer: Tokenizer, limit: int | None = None) -> int:
+    """The tokens of every document in the shards, a BOS each included: what one pass of
+    ``PackedLoader`` over them reads (before packing crops a few). Stops once the count
+    passes ``limit`` (the caller only needs to know the data is larger than that)."""
+    total = 0
+    for path in paths:
+        with shards.open_shard(path) as pf:
+            for rg in range(pf.num_row_groups):
+                texts = shards.read_texts(pf, path, rg)
+                for start in range(0, len(texts), TOKENIZE_BATCH):
+                    chunk = texts[start : start + TOKENIZE_BATCH]
+                    total += sum(map(len, tokenizer.encode(chunk, prepend="<|bos|>")))
+                    if limit is not None and total > limit:
+                        return total
+    return total
+
+
 @dataclass
 class _Buffer:
     """Documents sorted by length, for best-fit lookups."""

@@ -52,6 +52,7 @@ from nanochat.model.attention import (
 )
 from nanochat.model.dial import HEAD_DIM, MLP_RATIO, SEQ_LEN
 from nanochat.model.dial import width as dial_width
+from nanochat.model.head_loss import softcapped_cross_entropy
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "build_model", "config_for_depth", "norm"]
 
@@ -327,7 +328,16 @@ class GPT(nn.Module):
         if self.config.backout:
             x = x - (self.backout_lambda * middle).to(x.dtype)
 
-        logits = self.lm_head(norm(x)).float()
+        x = norm(x)
+        fusable = not x.is_cuda and not torch.compiler.is_compiling()
+        if targets is not None and loss_reduction == "mean" and fusable:
+            if x.dtype == torch.float32 and self.lm_head.weight.dtype == torch.float32:
+                # CPU training: the fused, chunked head loss (never the whole logits)
+                return softcapped_cross_entropy(
+                    x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                    LOGIT_SOFTCAP,
+                )  # fmt: skip
+        logits = self.lm_head(x).float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits

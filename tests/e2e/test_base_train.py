@@ -60,6 +60,25 @@ def test_loss_falls_below_the_unigram_baseline(base_dir):
     assert (base_dir / "report" / "pretrain.md").is_file()
 
 
+def test_lr_scale_per_pass_shrinks_the_boost_over_several_passes(toy):
+    from nanochat.data.dataloader import count_tokens
+    from nanochat.tokenizer import Tokenizer, tokenizer_dir
+
+    train_paths, _ = shards.split_shards(shards.data_dir(toy, "toy"))
+    count = count_tokens(train_paths, Tokenizer.load(tokenizer_dir(toy)))
+    steps = round(3 * count / 512)  # about three passes at 512 tokens a step
+    flags = [*SMALL, f"--num-steps={steps}", "--stop-at=1", "--eval-every=0", "--lr-scale=4"]
+    result = train([*flags, "--lr-scale-per-pass", "--tag=passes"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    passes = steps * 512 / count
+    scale = 4 / passes**2
+    assert f"makes {passes:.2f} passes over its training split, so LRs x {scale:.3g}" in (
+        result.stderr
+    )
+    plain = train([*flags, "--tag=plain"])  # without the flag: x4, as asked, no count
+    assert plain.returncode == 0 and "passes over" not in plain.stderr
+
+
 def test_resume_continues_bit_for_bit(toy):
     straight = train([*SMALL, "--num-steps=6", "--tag=a", "--save-every=0", "--eval-every=0"])
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -167,6 +186,16 @@ def test_dry_run_shows_batch_accumulation_and_horizon():
     assert "# horizon: 2,520 steps x 524,288 tokens" in notes
     assert "x 8 process(es) x accumulation 1" in notes
     assert "d12: 768 wide" in notes
+    # the speedrun says its windows; the defaults' features; the LR as the recipe's
+    assert "recipe: windows L," in notes and "features: value_embeds, smear;" in notes
+    assert "; LRs x 1\n" in notes
+
+
+def test_dry_run_of_the_tiny_preset_says_its_lr_rule():
+    result = run_cli(["make", "pretrain", "PRESET=tiny", "DRY_RUN=1"])
+    assert result.returncode == 0, result.stderr
+    assert "recipe: windows SSSL," in result.stderr
+    assert "LRs x 4 for one pass over the training split, / passes^2 over more" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,30 @@ def test_every_row_is_a_pretraining_command_that_differs_from_the_baseline_as_na
         "weight decay 2.0": {"weight_decay"},
         "lr scale 1": {"lr_scale"},
         "smear + windows + value embeds": {"smear", "window_pattern", "value_embeds"},
+        **{
+            f"smear + windows + value embeds, lr scale {scale}": {
+                "smear",
+                "window_pattern",
+                "value_embeds",
+                "lr_scale",
+            }
+            for scale in ("2", "1.33", "1")
+        },
+        "smear + windows, lr scale 1.33": {"smear", "window_pattern", "lr_scale"},
     }[row]
     assert changed == expected
     # the baseline turns every switch off, whatever the defaults say
     assert not any(getattr(base, s.name) for s in ablate.recipe.SWITCHES)
     assert base.weight_decay == 0 and base.window_pattern == "L"
+
+
+def test_the_defaults_row_is_the_recipe_defaults_with_the_tiny_lr_rule():
+    parser = base_train.build_parser()
+    plain = parser.parse_args(["--depth=4", *ablate.SHAPE])
+    args = parser.parse_args(["--depth=4", *ablate.SHAPE, *ablate.DEFAULTS_FLAGS])
+    changed = {k for k, v in vars(args).items() if getattr(plain, k) != v}
+    assert changed == {"lr_scale_per_pass"}
+    assert args.smear and args.value_embeds and args.window_pattern == "SSSL"
 
 
 def record(row: str, seed: int, final: float, best: float, depth: int = 4) -> dict:

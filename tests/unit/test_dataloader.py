@@ -11,7 +11,7 @@ import torch
 from helpers.builders import tokenizer_for
 
 from nanochat.data import shards
-from nanochat.data.dataloader import EvalRows, PackedLoader, row_groups
+from nanochat.data.dataloader import EvalRows, PackedLoader, count_tokens, row_groups
 from nanochat.evaluation.loss_eval import evaluate_bpb, token_bytes
 
 WORDS = "the model reads packed rows of tokens and learns to predict what comes next".split()
@@ -108,6 +108,17 @@ def test_epochs_wrap_around(corpus):
     for _ in range(40):  # 100 documents of ~30 tokens: a few epochs' worth
         loader.next_batch()
     assert loader.epoch >= 2
+
+
+def test_count_tokens_is_one_pass_of_documents_with_their_bos(corpus):
+    paths, tok = corpus
+    texts = [
+        t for p in paths for rg in range(4) for t in shards.read_texts(shards.open_shard(p), p, rg)
+    ]
+    want = sum(len(d) for d in tok.encode(texts, prepend="<|bos|>"))
+    assert count_tokens(paths, tok) == want
+    # with a limit it stops early: more than the limit, less than the whole
+    assert 100 < count_tokens(paths, tok, limit=100) < want
 
 
 class ConstantLoss(torch.nn.Module):

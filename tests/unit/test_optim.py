@@ -23,7 +23,12 @@ from nanochat.training.optim import (
     orthogonalize,
     renormalize,
 )
-from nanochat.training.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat.training.schedules import (
+    lr_multiplier,
+    lr_scale_for_passes,
+    muon_momentum,
+    weight_decay_multiplier,
+)
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -240,6 +245,15 @@ def test_build_optimizer_groups_and_validation():
 
 
 # ------------------------------------------------------------------------- schedules
+
+
+def test_lr_scale_for_passes_divides_a_boost_by_the_square_of_the_passes():
+    assert lr_scale_for_passes(4, 0.5) == 4  # less than a pass: as asked
+    assert lr_scale_for_passes(4, 1.0) == 4
+    assert lr_scale_for_passes(4, 1.0251) == pytest.approx(3.8066, abs=1e-4)  # tiny, 80 steps
+    assert lr_scale_for_passes(4, 2.0) == 1
+    assert lr_scale_for_passes(4, 3.0753) == pytest.approx(0.4229, abs=1e-4)  # 240 steps
+    assert lr_scale_for_passes(1, 3.0) == 1 and lr_scale_for_passes(0.5, 3.0) == 0.5
 
 
 def test_lr_multiplier_warmup_flat_warmdown():
