@@ -329,7 +329,7 @@ class GPT(nn.Module):
             x = x - (self.backout_lambda * middle).to(x.dtype)
 
         x = norm(x)
-        fusable = not x.is_cuda and not torch.compiler.is_compiling()
+        fusable = not (x.is_cuda or torch.compiler.is_compiling()) and torch.is_grad_enabled()
         if targets is not None and loss_reduction == "mean" and fusable:
             if x.dtype == torch.float32 and self.lm_head.weight.dtype == torch.float32:
                 # CPU training: the fused, chunked head loss (never the whole logits)

@@ -1,14 +1,14 @@
 """The head's training loss, fused and chunked: lm_head -> soft-cap -> cross-entropy.
 
-Used by ``GPT.forward`` when it trains on the CPU. The plain path materializes the fp32
-logits of every position several times over (the matmul's output, the soft-capped copy, the
-log-softmax that autograd keeps): at the tiny preset's 16 x 256 positions and 4,096 tokens
-that is 64 MB a copy, allocated and faulted in on every micro-step. Here the rows go through
-in chunks of about ``CHUNK_ELEMENTS`` logits, and each chunk's gradients with respect to the
-hidden states and the head's weight are computed right away, in the forward pass, since the
-loss is the last op (the "fused linear cross-entropy" idea); backward only scales them. Peak
-extra memory is one chunk's logits; the flops are the plain path's (one matmul forward, two
-backward).
+Used by ``GPT.forward`` when it trains on the CPU (gradients on, not compiling). The plain
+path materializes the fp32 logits of every position several times over (the matmul's
+output, the soft-capped copy, the log-softmax that autograd keeps): at the tiny preset's
+16 x 256 positions and 4,096 tokens that is 64 MB a copy, allocated and faulted in on every
+micro-step. Here the rows go through in chunks of about ``CHUNK_ELEMENTS`` logits, and each
+chunk's gradients with respect to the hidden states and the head's weight are computed
+right away, in the forward pass, since the loss is the last op (the "fused linear
+cross-entropy" idea); backward only scales them. Peak extra memory is one chunk's logits;
+the flops are the plain path's (one matmul forward, two backward).
 
 The math, for a row with hidden state h, head W, cap c and target y (rows with y = -1 are
 ignored and the mean is over the n rows that are not):
@@ -61,6 +61,7 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         return total / count  # 0 / 0 = nan when every row is ignored, as F.cross_entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.to(torch.float32)

@@ -77,3 +77,23 @@ def test_model_trains_on_the_fused_path_with_the_plain_loss():
         softcapped_cross_entropy(
             torch.randn(2, 4).bfloat16(), torch.randn(3, 4), targets[0, :2], 15.0
         )
+
+
+def test_without_gradients_the_model_takes_the_plain_path(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the fused path computes gradients: not under no_grad")
+
+    monkeypatch.setattr(gpt, "softcapped_cross_entropy", refuse)
+    config = gpt.config_for_depth(2, 96, sequence_len=16)
+    model = gpt.build_model(config, "cpu")
+    idx = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(idx, idx))
+
+
+def test_backward_of_the_backward_is_refused():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = softcapped_cross_entropy(hidden, torch.randn(16, 8), torch.randint(0, 16, (4,)), 15.0)
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
