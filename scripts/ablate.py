@@ -184,17 +184,21 @@ def run_cell(folder: Path, row: str, depth: int, epochs: int, seed: int) -> dict
     }  # fmt: skip
 
 
-def table(results: dict[str, dict]) -> str:
-    """Per (row, depth, horizon): mean final bpb, spread, best eval, tokens/s, seeds."""
+TABLE_HEAD = (
+    "| row | depth | epochs | final val bpb (mean) | spread (max-min) | best eval (mean) "
+    "| vs baseline | tokens/s | seeds |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table(results: dict[str, dict], seeds: int = 3) -> str:
+    """Per (row, depth, horizon): mean final bpb, spread, best eval, tokens/s, seeds. Cells
+    with all ``seeds`` measured make the table; cells with fewer follow in a second one,
+    the probes (single runs that steered the search, or cells still running)."""
     cells: dict[tuple, list[dict]] = {}
     for record in results.values():
         cells.setdefault((record["row"], record["depth"], record["epochs"]), []).append(record)
     order = [*ROWS, DEFAULTS_ROW]
-    lines = [
-        "| row | depth | epochs | final val bpb (mean) | spread (max-min) | best eval (mean) "
-        "| vs baseline | tokens/s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines, probes = [TABLE_HEAD], []
     for (row, depth, epochs), runs in sorted(
         cells.items(), key=lambda kv: (kv[0][1], kv[0][2], order.index(kv[0][0]))
     ):
@@ -207,11 +211,13 @@ def table(results: dict[str, dict]) -> str:
         alone = [r["tokens_per_s"] for r in runs if not r.get("threads")]
         speed = f"{statistics.median(alone):,.0f}" if alone else "(shared)"
         spread = f"{max(finals) - min(finals):.4f}" if len(finals) > 1 else "-"
-        lines.append(
+        (lines if len(runs) >= seeds else probes).append(
             f"| {row} | d{depth} | {epochs} | {mean:.4f} | {spread} "
             f"| {statistics.fmean(r['best_bpb'] for r in runs):.4f} | {delta} "
             f"| {speed} | {len(runs)} |"
         )
+    if probes:
+        lines += ["", f"Probes (fewer than {seeds} seeds):", "", TABLE_HEAD, *probes]
     return "\n".join(lines)
 
 
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = load_results(args.results)
     if args.table:
-        print(table(results))
+        print(table(results, args.seeds))
         return 0
     todo = [
         (row, depth, epochs, seed)
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         add_result(args.results, record)
         log(f"ablate {n}/{len(todo)}: {record['key']} final {record['final_bpb']:.4f} "
             f"best {record['best_bpb']:.4f} ({record['wall_s']:.0f} s)")  # fmt: skip
-    print(table(load_results(args.results)))
+    print(table(load_results(args.results), args.seeds))
     return 0
 
 

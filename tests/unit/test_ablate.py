@@ -71,11 +71,15 @@ def test_table_means_spreads_and_deltas():
             record("baseline", 2, 2.54, 2.44),
             record("smear", 1, 2.40, 2.40),
             record("smear", 2, 2.46, 2.41),
+            record("backout", 1, 2.45, 2.44),
         )
     }
-    lines = ablate.table(results).splitlines()
+    lines = ablate.table(results, seeds=2).splitlines()
     assert lines[2] == "| baseline | d4 | 1 | 2.5200 | 0.0400 | 2.4200 |  | 4,002 | 2 |"
     assert lines[3] == "| smear | d4 | 1 | 2.4300 | 0.0600 | 2.4050 | -0.0900 | 4,002 | 2 |"
+    # a cell short of its seeds is a probe, in its own table, with no spread
+    assert lines[5] == "Probes (fewer than 2 seeds):"
+    assert lines[-1] == "| backout | d4 | 1 | 2.4500 | - | 2.4400 | -0.0700 | 4,001 | 1 |"
 
 
 def test_finished_cells_are_skipped(tmp_path, capsys):
