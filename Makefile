@@ -48,7 +48,7 @@ spec_var = $(word 1,$(subst =, ,$(1)))
 spec_flag = $(word 2,$(subst =, ,$(1)))
 spec_kind = $(word 3,$(subst =, ,$(1)))
 KNOB_VARS := $(foreach spec,$(KNOB_SPECS),$(call spec_var,$(spec)))
-unexport $(KNOB_VARS) REMOTE_PATH DEST
+unexport $(KNOB_VARS) REMOTE_PATH DEST STAGE OUT IMAGE
 # The words of backends/knobs.py (SWITCH_ON/SWITCH_OFF), in the cases make cannot fold.
 SWITCH_ON := 1 true yes on True Yes On TRUE YES ON
 SWITCH_OFF := 0 false no off False No Off FALSE NO OFF
@@ -87,6 +87,7 @@ pass_code = $(QUIET_MAKE) $(1); code=$$?; case $$code in 129|130|131|134|137|141
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help setup test browser docker-engine sandbox lint bench bench-engine ablate lock speedrun docker-build docker-shell volume-ls volume-get \
+	skypilot-task slurm-script skypilot-parser \
 	$(STAGES)
 
 help:
@@ -109,6 +110,12 @@ $(VENV)/.installed-%: pyproject.toml
 $(STAGES) speedrun: $(STAMP)
 	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke $@ $(FLAGS))
 
+# A launch file for a cluster we do not drive: STAGE (default pretrain), OUT and IMAGE are
+# read from the command line only.
+cmdline = $(if $(filter command line,$(origin $(1))),--$(2)=$(call quote,$(value $(1))))
+skypilot-task slurm-script: $(STAMP)
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke $@ $(FLAGS) $(call cmdline,STAGE,stage) $(call cmdline,OUT,out) $(call cmdline,IMAGE,image))
+
 docker-build: $(call stamp_for,docker)
 	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke docker-build)
 
@@ -127,7 +134,7 @@ lock: $(FULL_STAMP)
 
 # ARGS reaches pytest only from the command line (make test ARGS='-k tokenizer'): an ARGS the
 # shell exports for the stages is no pytest flag.
-test: $(FULL_STAMP) browser docker-engine sandbox
+test: $(FULL_STAMP) browser docker-engine sandbox skypilot-parser
 	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke test $(if $(filter command line,$(origin ARGS)),--args=$(call quote,$(call knob,ARGS))))
 
 # Debian packages $(2) for the $(1) test, installed when missing (apt-get, as root or
@@ -150,6 +157,17 @@ docker-engine:
 	$(EXEC)@{ command -v dockerd >/dev/null 2>&1 || test -x /usr/sbin/dockerd || docker info >/dev/null 2>&1; } \
 	  && { command -v debootstrap >/dev/null 2>&1 || test -x /usr/sbin/debootstrap; } \
 	  || { $(call apt_install,docker,docker.io debootstrap); }
+
+# The SkyPilot task `make skypilot-task` writes is checked by SkyPilot's own parser
+# (sky.Task.from_yaml), from PyPI into a venv of its own: its pins (uvicorn, click) would
+# otherwise replace the project's.
+SKYPILOT_VENV := .venv-skypilot
+skypilot-parser: $(SKYPILOT_VENV)/.installed
+$(SKYPILOT_VENV)/.installed:
+	$(EXEC)@echo "[nanochat] installing SkyPilot's parser into $(SKYPILOT_VENV) for its test (once)" \
+	  && { test -x $(SKYPILOT_VENV)/bin/python || $(PYTHON) -m venv $(SKYPILOT_VENV); } \
+	  && $(QUIET_MAKE) $(SKYPILOT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'skypilot>=0.14,<0.15' \
+	  && touch $@
 
 # Model-written code (HumanEval) runs in a bubblewrap sandbox where the machine has one
 # (nanochat/inference/sandbox.py); the tests run it under both layers.

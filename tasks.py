@@ -58,6 +58,31 @@ def _knob_task(name: str, summary: str, action: Callable[..., int]) -> Task:
     return Task(body, name=name, help={k.name: k.help for k in KNOBS})
 
 
+def _cluster_file_task(kind: str, summary: str) -> Task:
+    """``skypilot-task`` / ``slurm-script``: the knob flags plus --stage, --out, --image."""
+    from backends import cluster_files
+
+    task = _knob_task(
+        f"{kind}-{'task' if kind == 'skypilot' else 'script'}",
+        summary,
+        lambda stage="pretrain", out=None, image=None, **knobs: cluster_files.write(
+            kind, stage, out, image, **knobs
+        ),
+    )
+    params = list(task.body.__signature__.parameters.values())
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in (("stage", "pretrain"), ("out", None), ("image", None))
+    ]
+    task.body.__signature__ = inspect.Signature(params)
+    task.help.update(
+        stage="the multi-GPU stage to run (default pretrain)",
+        out="the file to write (default nanochat-<stage>-<N>nodes.<suffix>)",
+        image="SkyPilot: the image every node runs (default the local docker-build tag)",
+    )
+    return task
+
+
 def _stage_task(stage_name: str, summary: str) -> Task:
     return _knob_task(stage_name, summary, lambda **knobs: launch(stage_name, **knobs))
 
@@ -157,6 +182,10 @@ ns.add_task(
         speedrun,
     )
 )
+ns.add_task(
+    _cluster_file_task("skypilot", "write a SkyPilot task that runs a stage on NODES nodes")
+)
+ns.add_task(_cluster_file_task("slurm", "write an sbatch script that runs a stage on NODES nodes"))
 ns.add_task(Task(test, help={"args": "extra pytest arguments"}))
 ns.add_task(Task(lint))
 ns.add_task(Task(lock))

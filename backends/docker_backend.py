@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from backends import local
-from backends.docker_image import DOCKERFILE, IMAGE_NAME, build_argv, image_tag
+from backends.docker_image import DOCKERFILE, IMAGE_NAME, WORKDIR, build_argv, image_tag
 from backends.local import REPO_ROOT
 from backends.planning import CONTAINER_BASE_DIR, Plan, check_writable, resolve_base_dir
 from backends.secrets import SECRET_NAMES, load_secrets
@@ -53,7 +53,6 @@ from backends.secrets import describe as describe_secrets
 from nanochat.common import BASE_DIR_ENV, CliParser, UsageError, one_line
 from nanochat.gpus import visible_ids
 
-WORKDIR = "/app"  # the image's WORKDIR: the source and its .venv
 SHM_SIZE = "16g"  # DataLoader workers and NCCL share memory through /dev/shm
 # NVIDIA's advice for PyTorch containers: unlimited locked memory, a 64 MiB stack.
 # Locked memory only beside GPUs (pinned buffers, NCCL): an engine whose own limit is lower
@@ -223,6 +222,10 @@ def container_spec(plan: Plan, tag: str, gpus: bool, secrets: dict[str, str]) ->
     spec = _spec(tag, argv, env, plan.base_dir, gpus, plan.stage.name)
     if port:
         spec["ports"] = {f"{port}/tcp": ("127.0.0.1", port)}
+    if plan.command.nodes.count > 1:
+        # torchrun's rendezvous and NCCL talk to the other nodes' addresses and ports
+        # directly: the container shares the host's network (no NAT, no published ports).
+        spec["network_mode"] = "host"
     return spec
 
 
@@ -240,6 +243,8 @@ def cli_argv(spec: Mapping, interactive: bool = False) -> list[str]:
         argv += ["-v", f"{host}:{mount['bind']}:{mount['mode']}"]
     for inside, (address, outside) in spec.get("ports", {}).items():
         argv += ["-p", f"{address}:{outside}:{inside.split('/')[0]}"]
+    if spec.get("network_mode"):
+        argv += ["--network", spec["network_mode"]]
     argv += ["-w", spec["working_dir"], "--user", spec["user"]]
     for limit in spec.get("ulimits", ()):
         argv += ["--ulimit", f"{limit.name}={limit.soft}:{limit.hard}"]

@@ -26,6 +26,7 @@ from backends.local import REPO_ROOT
 from nanochat.common import UsageError
 
 IMAGE_NAME = "nanochat"
+WORKDIR = "/app"  # the image's WORKDIR: the source and its .venv
 DOCKERFILE = "docker/Dockerfile"  # relative to the repository root (the build context)
 BUILD_ARGS_ENV = "NANOCHAT_DOCKER_BUILD_ARGS"  # "KEY=VALUE KEY2='a b'" for docker build
 

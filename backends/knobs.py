@@ -21,7 +21,7 @@ CHECKPOINT_SOURCES = CHECKPOINT_KINDS  # SOURCE picks one kind of checkpoint
 class Knob:
     name: str  # python / invoke name: device_batch -> --device-batch, DEVICE_BATCH
     help: str
-    kind: str = "str"  # "str" | "int" | "bool"
+    kind: str = "str"  # "str" | "int" (positive) | "index" (0 or more) | "bool"
 
     @property
     def make_var(self) -> str:
@@ -38,7 +38,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("depth", "model depth; width = 64*depth rounded up to 128 (the size dial)", "int"),
     Knob("gpus", "processes per node (GPUs; CPU processes when no GPU is visible)", "int"),
     Knob("gpu", "Modal GPU type and count, e.g. H100:8 or A100-80GB:4; 'cpu' = no GPU"),
-    Knob("nodes", "machines for multi-GPU stages (multi-node is designed, not built yet)", "int"),
+    Knob("nodes", "machines for a multi-GPU stage (default 1; docs/multinode.md)", "int"),
+    Knob("node_rank", "NODES>1, local/docker: this machine's index, 0 .. NODES-1", "index"),
+    Knob("master_addr", "NODES>1, local/docker: node 0's address, reachable from every node"),
+    Knob("master_port", "NODES>1: node 0's rendezvous TCP port (default 29500)", "int"),
     Knob("shards", "training shards to download (the validation shard comes too)", "int"),
     Knob("device_batch", "sequences per device per micro-step", "int"),
     Knob("run", "wandb run name; 'dummy' turns wandb off"),
@@ -59,12 +62,23 @@ KNOBS_BY_NAME = {knob.name: knob for knob in KNOBS}
 
 _GPU_SPEC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(:[1-9][0-9]*)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# a host name (letters, digits, dots, hyphens), an IPv4 address or an IPv6 one (hex and colons)
+_ADDRESS = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$"
+)
 
 
 def parse_positive_int(knob: Knob, raw: str | int) -> int:
     text = str(raw).strip()
     if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
         raise UsageError(f"{knob.make_var} must be a positive integer, got {raw!r}")
+    return int(text)
+
+
+def parse_index(knob: Knob, raw: str | int) -> int:
+    text = str(raw).strip()
+    if not re.fullmatch(r"[0-9]+", text):
+        raise UsageError(f"{knob.make_var} must be 0 or a positive integer, got {raw!r}")
     return int(text)
 
 
@@ -96,6 +110,8 @@ def check_raw(values: dict[str, object]) -> dict[str, object]:
             raise UsageError(f"{knob.make_var} is empty: give it a value, or leave it out")
         if knob.kind == "int":
             parsed[name] = parse_positive_int(knob, raw)
+        elif knob.kind == "index":
+            parsed[name] = parse_index(knob, raw)
         elif knob.kind == "bool":
             parsed[name] = parse_switch(knob, raw)
         else:
@@ -109,6 +125,13 @@ def check_raw(values: dict[str, object]) -> dict[str, object]:
     if "dataset" in parsed and not _NAME.match(str(parsed["dataset"])):
         raise UsageError(
             f"DATASET must be a lowercase name like climbmix, got {parsed['dataset']!r}"
+        )
+    if "master_port" in parsed and not 1 <= int(parsed["master_port"]) <= 65535:
+        raise UsageError(f"MASTER_PORT must be a TCP port, 1-65535, got {parsed['master_port']}")
+    if "master_addr" in parsed and not _ADDRESS.match(str(parsed["master_addr"])):
+        raise UsageError(
+            "MASTER_ADDR must be a host name or an IPv4/IPv6 address, "
+            f"got {parsed['master_addr']!r}"
         )
     if "args" in parsed:
         try:

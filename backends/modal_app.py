@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,16 @@ import modal
 
 from backends import command, local
 from backends.launch import report_table
+from backends.modal_lease import (  # noqa: F401  (the launcher and tests reach them here)
+    LEASE_S,
+    LOCK_KEY,
+    SpeedrunBusy,
+    SpeedrunLease,
+    busy_message,
+    lease_holder,
+    lock_store,
+    release_lease,
+)
 from backends.modal_names import WEB_IDLE_S, WEB_KNOBS_ENV
 from backends.modal_volumes import (
     VOLUME_MOUNTS,
@@ -50,6 +61,7 @@ from backends.modal_volumes import (
 from backends.pricing import gpu_hours
 from backends.secrets import API_KEY_NAME, load_secrets
 from backends.stages import (
+    CLUSTER_SIZES,
     REMOTE_CPU_CORES,
     REMOTE_CPU_MEMORY_GB,
     STAGES,
@@ -59,7 +71,7 @@ from backends.stages import (
     remote_resources,
     remote_threads,
 )
-from nanochat.common import BASE_DIR_ENV, RESUME_ENV
+from nanochat.common import BASE_DIR_ENV, COMMIT_DIR_ENV, RESUME_ENV
 from nanochat.training import run_lock
 
 APP_NAME = "nanochat"
@@ -68,8 +80,9 @@ MODAL_SECRET_ENV = "NANOCHAT_MODAL_SECRET"  # optional name of a Modal secret to
 USAGE_ERROR = 2  # a stage's bad-input exit code: retrying cannot help
 
 
-def function_name(stage_name: str) -> str:
-    return "stage_" + stage_name.replace("-", "_")
+def function_name(stage_name: str, nodes: int = 1) -> str:
+    """``stage_pretrain``; ``stage_pretrain_x2`` for the clustered function of 2 nodes."""
+    return "stage_" + stage_name.replace("-", "_") + (f"_x{nodes}" if nodes > 1 else "")
 
 
 def resource_options(stage: Stage, gpu: str | None) -> dict[str, object]:
@@ -133,43 +146,72 @@ app = modal.App(APP_NAME, image=image, volumes=VOLUME_MOUNTS, include_source=Fal
 # ---- inside the container ----------------------------------------------------------------
 
 
-def remote_command(stage: Stage, knobs: dict, base: Path) -> command.StageCommand:
+def remote_command(
+    stage: Stage, knobs: dict, base: Path, nodes: command.Nodes = command.SINGLE_NODE
+) -> command.StageCommand:
     """The stage's command as built here, in the container: processes = GPUS or every GPU
     this container has (read at run time), threads from the container's requested size,
     as the dry run computed them (knobs["env"] carries the launcher's OMP_NUM_THREADS).
     Training stages resume (NANOCHAT_RESUME=auto) unless knobs["env"] says otherwise (a
-    forced speedrun entry starts over: "since:<start>")."""
+    forced speedrun entry starts over: "since:<start>"). ``nodes``: this container's place
+    in its cluster (``cluster_nodes``)."""
     visible = local.visible_gpus()
     nproc = 1
     if stage.multiprocess:
         nproc = int(knobs["gpus"]) if knobs.get("gpus") else max(visible, 1)
     threads = remote_threads(stage, remote_gpu(stage, knobs.get("gpu")), nproc)
-    cmd = command.build(stage, str(knobs.get("preset") or "tiny"), knobs, nproc, base, threads)
+    preset = str(knobs.get("preset") or "tiny")
+    cmd = command.build(stage, preset, knobs, nproc, base, threads, nodes)
     cmd.env.update({str(k): str(v) for k, v in (knobs.get("env") or {}).items()})
     if stage.retries:
         cmd.env.setdefault(RESUME_ENV, "auto")
+    if nodes.count > 1 and ":" in str(nodes.master_addr):
+        # The cluster's addresses are IPv6 (Modal's i6pn): NCCL's bootstrap sockets must
+        # use that family too, or ranks on other nodes are unreachable.
+        cmd.env.setdefault("NCCL_SOCKET_FAMILY", "AF_INET6")
     return cmd
+
+
+def cluster_nodes(count: int, port: int, cluster=None) -> command.Nodes:
+    """This container's place in its Modal cluster: its rank, node 0's (IPv6) address.
+    ``cluster`` defaults to ``modal.Cluster.from_context()`` (only inside a clustered call)."""
+    cluster = cluster or modal.Cluster.from_context()
+    addresses = cluster.container_ips()  # rank order; IPv6 by default
+    if len(addresses) != count:
+        raise RuntimeError(f"NODES={count} but the Modal cluster has {len(addresses)} containers")
+    return command.Nodes(count, cluster.container_rank(), addresses[0], port)
 
 
 class StageFailed(RuntimeError):
     """Raised so that Modal's retry policy applies (a crash, a kill, a lost GPU)."""
 
 
-def run_stage(stage_name: str, knobs: dict) -> dict:
+def run_stage(stage_name: str, knobs: dict, cluster=None) -> dict:
     """The body of every stage function: link BASE_DIR to the volumes, run the command with
-    the local runner, commit on every new checkpoint and at the end; report GPU-hours."""
+    the local runner, commit on every new checkpoint (at once when a checkpoint asks:
+    $NANOCHAT_COMMIT_DIR) and at the end; report GPU-hours. With NODES>1 it runs in every
+    container of a cluster (``cluster``: the Modal cluster, found from the context), each
+    its node of the same torchrun command."""
     stage = STAGES_BY_NAME[stage_name]
     base = Path(os.environ.get(BASE_DIR_ENV) or "/data/nanochat")
     link_base_dir(base, Path(os.environ.get(VOLUME_ROOT_ENV) or VOLUME_ROOT))
-    cmd = remote_command(stage, knobs, base)
+    count = int(knobs.get("nodes") or 1)
+    nodes = command.SINGLE_NODE
+    if count > 1 and stage.multiprocess:
+        port = int(knobs.get("master_port") or command.DEFAULT_MASTER_PORT)
+        nodes = cluster_nodes(count, port, cluster)
+    cmd = remote_command(stage, knobs, base, nodes)
     # A retry after a preemption is the same function call in a new container: the run
     # lock of the tag (nanochat.training.run_lock) knows it by this id and lets it take over.
     call_id = modal.current_function_call_id()
     if call_id:
         cmd.env.setdefault(run_lock.RUN_ID_ENV, call_id)
+    requests = Path(tempfile.mkdtemp(prefix="nanochat-commits-"))  # outside the volumes
+    cmd.env[COMMIT_DIR_ENV] = str(requests)
     gpus_here = local.visible_gpus()
-    print(f"[nanochat] modal: {stage.name} on {gpus_here or 'no'} GPU(s): {cmd.shell()}")
-    committer = CheckpointCommitter(base)
+    where = f" (node {nodes.rank} of {nodes.count})" if nodes.count > 1 else ""
+    print(f"[nanochat] modal: {stage.name} on {gpus_here or 'no'} GPU(s){where}: {cmd.shell()}")
+    committer = CheckpointCommitter(base, requests=requests)
     committer.start()
     start = time.monotonic()
     try:
@@ -177,6 +219,7 @@ def run_stage(stage_name: str, knobs: dict) -> dict:
     finally:
         committer.stop()
         commit_volumes()
+        shutil.rmtree(requests, ignore_errors=True)
     seconds = time.monotonic() - start
     stray = unpersisted(base)
     if stray:
@@ -186,9 +229,10 @@ def run_stage(stage_name: str, knobs: dict) -> dict:
         "exit_code": code,
         "seconds": round(seconds, 1),
         "gpus": gpus_here,
-        "gpu_hours": round(gpus_here * seconds / 3600, 4),
+        "nodes": nodes.count,
+        "gpu_hours": round(gpus_here * nodes.count * seconds / 3600, 4),
     }
-    print(f"[nanochat] modal: {stage.name} exited {code} after {seconds / 60:.1f} min")
+    print(f"[nanochat] modal: {stage.name}{where} exited {code} after {seconds / 60:.1f} min")
     if code not in (0, USAGE_ERROR):
         raise StageFailed(f"stage {stage.name} exited with code {code}")
     return result
@@ -203,10 +247,33 @@ def _register_stage_function(stage: Stage):
     return app.function(secrets=SECRETS, **stage_options(stage))(body)
 
 
-# One function per stage, with the GPU, timeout and retries the stage table gives; module
-# globals, because Modal finds a function in its container by its name in this module.
+def _register_cluster_function(stage: Stage, nodes: int):
+    """The stage on a cluster of ``nodes`` containers (``modal.clustered``, RDMA between
+    them), each a whole 8-GPU host; Modal broadcasts the call to every container and
+    returns rank 0's result."""
+
+    def body(knobs: dict) -> dict:
+        return run_stage(stage.name, {**knobs, "nodes": nodes})
+
+    body.__name__ = body.__qualname__ = function_name(stage.name, nodes)
+    body.__doc__ = f"{stage.name} on {nodes} nodes: {stage.summary}"
+    options = {**stage_options(stage), **resource_options(stage, CLUSTER_GPU)}
+    return app.function(secrets=SECRETS, **options)(modal.clustered(size=nodes, rdma=True)(body))
+
+
+# One function per stage, with the GPU, timeout and retries the stage table gives, and one
+# clustered function per size for the multi-GPU stages; module globals, because Modal finds
+# a function in its container by its name in this module.
+CLUSTER_GPU = "H100:8"  # the clustered functions' default GPU (GPU=B200:8 etc. overrides)
 STAGE_FUNCTIONS = {stage.name: _register_stage_function(stage) for stage in STAGES}
+CLUSTER_FUNCTIONS = {
+    (stage.name, nodes): _register_cluster_function(stage, nodes)
+    for stage in STAGES
+    if stage.multiprocess
+    for nodes in CLUSTER_SIZES
+}
 globals().update({function_name(name): fn for name, fn in STAGE_FUNCTIONS.items()})
+globals().update({function_name(*key): fn for key, fn in CLUSTER_FUNCTIONS.items()})
 
 
 @app.function(
@@ -221,8 +288,14 @@ def stage_on_cpu(stage_name: str, knobs: dict) -> dict:
     return run_stage(stage_name, knobs)
 
 
-def function_for(stage: Stage, gpu: str | None):
-    """The Modal function that runs ``stage`` on ``gpu`` (a Modal GPU string or None)."""
+def function_for(stage: Stage, gpu: str | None, nodes: int = 1):
+    """The Modal function that runs ``stage`` on ``gpu`` (a Modal GPU string or None), on a
+    cluster of ``nodes`` for a multi-GPU stage."""
+    if nodes > 1 and stage.multiprocess:
+        fn = CLUSTER_FUNCTIONS[(stage.name, nodes)]
+        if gpu != CLUSTER_GPU:
+            fn = fn.with_options(**resource_options(stage, gpu))
+        return fn, False
     if gpu is None and stage.hardware != "cpu":
         return stage_on_cpu, True
     fn = STAGE_FUNCTIONS[stage.name]
@@ -232,8 +305,9 @@ def function_for(stage: Stage, gpu: str | None):
 
 
 def _bound(stage: Stage, knobs: dict, gpu: str | None):
-    """The function that runs ``stage`` on ``gpu`` and the arguments it takes."""
-    fn, on_cpu = function_for(stage, gpu)
+    """The function that runs ``stage`` on ``gpu`` (on ``knobs["nodes"]`` nodes) and the
+    arguments it takes."""
+    fn, on_cpu = function_for(stage, gpu, int(knobs.get("nodes") or 1))
     if on_cpu:
         options = stage_options(stage)
         fn = fn.with_options(
@@ -351,101 +425,6 @@ def orchestrate(
     return results
 
 
-# ---- one speedrun at a time ------------------------------------------------------------
-
-LOCK_DICT = "nanochat-locks"  # a modal.Dict beside the volumes
-LOCK_KEY = "speedrun"
-LEASE_S = 600.0  # a lease not renewed for this long belongs to a dead orchestrator
-RENEW_S = 60.0
-
-
-class SpeedrunBusy(RuntimeError):
-    """Another orchestrator holds the lease on these volumes."""
-
-
-def lease_holder(store, now: float | None = None) -> dict | None:
-    """The live lease on the volumes ({"owner", "since", "expires"}), or None."""
-    held = store.get(LOCK_KEY)
-    now = time.time() if now is None else now
-    return held if held and float(held.get("expires", 0)) > now else None
-
-
-class SpeedrunLease:
-    """A lease in a ``modal.Dict`` (``store``): one speedrun orchestrator per set of volumes.
-
-    Taken with Dict.put(skip_if_exists=True), which the server applies atomically; a lease
-    whose holder stopped renewing it (a crash, ``modal app stop``) is stale after LEASE_S
-    and may be taken over. The owner is the function call id, which Modal keeps when it
-    retries the same call: a retried orchestrator takes its own lease back."""
-
-    def __init__(self, store, owner: str, clock=time.time, lease_s: float = LEASE_S):
-        self.store, self.owner, self.clock, self.lease_s = store, owner, clock, lease_s
-        self.since = clock()
-        self.stopped = threading.Event()
-        self.lost = threading.Event()  # another orchestrator holds it now: stop
-
-    def _record(self) -> dict:
-        return {"owner": self.owner, "since": self.since, "expires": self.clock() + self.lease_s}
-
-    def acquire(self) -> None:
-        if self.store.put(LOCK_KEY, self._record(), skip_if_exists=True):
-            return
-        held = lease_holder(self.store, self.clock())
-        if held and held.get("owner") != self.owner:
-            raise SpeedrunBusy(busy_message(held, self.clock()))
-        self.store.put(LOCK_KEY, self._record())  # stale, or ours from before a retry
-        if self.store.get(LOCK_KEY, {}).get("owner") != self.owner:  # lost a takeover race
-            raise SpeedrunBusy(busy_message(self.store.get(LOCK_KEY), self.clock()))
-
-    def renew(self) -> None:
-        held = self.store.get(LOCK_KEY)
-        if held and held.get("owner") != self.owner:
-            raise SpeedrunBusy("the speedrun lease was taken over: " + busy_message(held))
-        self.store.put(LOCK_KEY, self._record())
-
-    def keep_renewing(self, every_s: float = RENEW_S) -> threading.Thread:
-        def loop() -> None:
-            while not self.stopped.wait(every_s):
-                try:
-                    self.renew()
-                except SpeedrunBusy as exc:
-                    print(f"[nanochat] speedrun: {exc}; this one stops before its next stage")
-                    self.lost.set()
-                    return
-                except Exception as exc:  # a hiccup of the Dict service: try again later
-                    print(f"[nanochat] speedrun: could not renew the lease: {exc}")
-
-        thread = threading.Thread(target=loop, daemon=True, name="speedrun-lease")
-        thread.start()
-        return thread
-
-    def release(self) -> None:
-        self.stopped.set()
-        release_lease(self.store, self.owner)
-
-
-def release_lease(store, owner: str) -> None:
-    """Free the lease if ``owner`` holds it (never another orchestrator's)."""
-    held = store.get(LOCK_KEY)
-    if held and held.get("owner") == owner:
-        store.pop(LOCK_KEY, None)
-
-
-def busy_message(held: dict | None, now: float | None = None) -> str:
-    held = held or {}
-    minutes = ((time.time() if now is None else now) - float(held.get("since", 0))) / 60
-    return (
-        f"another speedrun is running on these volumes (call {held.get('owner')}, started "
-        f"{minutes:.0f} min ago): wait for it, or stop its app (`modal app list`, then "
-        f"`modal app stop <id>`); its lease lapses {LEASE_S / 60:.0f} min after it dies"
-    )
-
-
-def lock_store():
-    """The Dict that holds the lease (created on first use, like the volumes)."""
-    return modal.Dict.from_name(LOCK_DICT, create_if_missing=True)
-
-
 # Non-preemptible (a CPU function may be): a preempted orchestrator would be restarted and
 # re-run its loop while the stage it had started keeps going.
 @app.function(
@@ -542,6 +521,11 @@ def describe_functions() -> list[str]:
         lines.append(
             f"{function_name(stage.name):<22} gpu={opts['gpu'] or 'none'} "
             f"timeout={stage.timeout_h:g}h retries={retries}"
+        )
+    for (name, nodes), fn in CLUSTER_FUNCTIONS.items():
+        lines.append(
+            f"{function_name(name, nodes):<22} gpu={fn._spec_.gpus} x {nodes} nodes "
+            f"(modal.clustered, RDMA; NODES={nodes})"
         )
     lines.append(f"{'stage_on_cpu':<22} gpu=none (any stage with GPU=cpu)")
     lines.append(f"{'speedrun_remote':<22} gpu=none (runs the stages in order)")

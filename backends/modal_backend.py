@@ -70,7 +70,8 @@ def estimate(plan) -> pricing.Estimate:
     ref_gpu = None if reference in (None, "cpu") else reference
     ref = remote_gpu(plan.stage, ref_gpu) if ref_gpu else None
     argv = script_args(plan.stage, plan.preset, plan.knobs)
-    return pricing.estimate(plan.stage, plan.preset, plan.remote_gpu, ref, argv)
+    nodes = plan.command.nodes.count
+    return pricing.estimate(plan.stage, plan.preset, plan.remote_gpu, ref, argv, nodes)
 
 
 def function_label(plan) -> str:
@@ -79,14 +80,22 @@ def function_label(plan) -> str:
         return stage.name.replace("-", "_")
     if plan.remote_gpu is None and stage.hardware != "cpu":
         return "stage_on_cpu"
-    return "stage_" + stage.name.replace("-", "_")
+    nodes = plan.command.nodes.count
+    return "stage_" + stage.name.replace("-", "_") + (f"_x{nodes}" if nodes > 1 else "")
 
 
 def container_line(plan) -> str:
     """``GPU H100:8, 64 cores, 256 GiB`` or ``no GPU (CPU container), 16 cores, 64 GiB``."""
     cores, memory = remote_resources(plan.stage, plan.remote_gpu)
     gpu = f"GPU {plan.remote_gpu}" if plan.remote_gpu else "no GPU (CPU container)"
-    return f"{gpu}, {cores} cores, {memory} GiB"
+    line = f"{gpu}, {cores} cores, {memory} GiB"
+    nodes = plan.command.nodes.count
+    if nodes > 1:
+        line = (
+            f"a cluster of {nodes} such containers (modal.clustered, RDMA), {line} each; every "
+            f"container runs the command below with its cluster rank and node 0's IPv6 address"
+        )
+    return line
 
 
 def web_auth_line(secrets: dict) -> str:

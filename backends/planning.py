@@ -31,6 +31,8 @@ from backends import command, local, stages
 from backends.knobs import CHECKPOINT_SOURCES, KNOBS_BY_NAME, check_raw
 from backends.presets import DEFAULT_PRESET, get_preset
 from backends.stages import (
+    CLUSTER_SIZES,
+    GPUS_PER_CLUSTER_NODE,
     SPEEDRUN_KNOBS,
     TOKENIZER_SHARDS,
     SpeedrunEntry,
@@ -51,11 +53,15 @@ RUNNER_KNOBS = (
     "gpus",
     "gpu",
     "nodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
     "base_dir",
     "args",
     "dry_run",
     "detach",
 )
+NODE_KNOBS = ("nodes", "node_rank", "master_addr", "master_port")
 # Where BASE_DIR lives inside the image (docker bind mount, Modal volumes); the Dockerfile
 # sets NANOCHAT_BASE_DIR to the same path.
 CONTAINER_BASE_DIR = Path("/data/nanochat")
@@ -155,11 +161,7 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
     ]
     for note in [] if quiet else notes + runner_notes(given, backend):
         print(f"note: {note}", file=sys.stderr)
-    if int(knobs.get("nodes") or 1) > 1:
-        raise UsageError(
-            f"NODES={knobs['nodes']}: multi-node runs are not built yet; "
-            "see docs/multinode.md for the design"
-        )
+    nodes = node_plan(stage, knobs, backend)
     if "source" in stage.knobs and knobs.get("source") is not None:
         check_source(stage, str(knobs["source"]))
         if stage.source_is_data and backend != "local" and Path(str(knobs["source"])).is_dir():
@@ -188,7 +190,7 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
         threads = 1 if visible else max(1, (os.cpu_count() or 1) // nproc)
     if not dry_run and not stage.implemented():
         raise UsageError(f"stage {stage.name!r} is not implemented yet ({stage.module})")
-    cmd = command.build(stage, preset.name, knobs, nproc, run_dir, omp_threads=threads)
+    cmd = command.build(stage, preset.name, knobs, nproc, run_dir, threads, nodes)
     if backend != "local" and not dry_run:
         backend_module(backend).check_ready()
     return Plan(
@@ -205,6 +207,59 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
     )
 
 
+def node_plan(stage: Stage, knobs: dict[str, object], backend: str) -> command.Nodes:
+    """This node's place in a NODES>1 run, every combination checked (one line each):
+    NODES>1 only for a multi-process stage; NODE_RANK and MASTER_ADDR on local and docker
+    (every node runs the same command with its own NODE_RANK), never on Modal (its cluster
+    says them); NODE_RANK < NODES; the node knobs only with NODES>1."""
+    count = int(knobs.get("nodes") or 1)
+    rank, addr, port = knobs.get("node_rank"), knobs.get("master_addr"), knobs.get("master_port")
+    given = [name for name, value in (("NODE_RANK", rank), ("MASTER_ADDR", addr),
+                                      ("MASTER_PORT", port)) if value is not None]  # fmt: skip
+    if count == 1:
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UsageError(
+                f"{', '.join(given)} {verb} only to a multi-node run: add NODES=2 or more"
+            )
+        return command.SINGLE_NODE
+    if not stage.multiprocess:
+        raise UsageError(
+            f"NODES={count}: stage {stage.name!r} runs as one process ({stage.hardware}); "
+            "only the multi-GPU stages (hardware gpus in `make help`) run on several nodes"
+        )
+    port = int(port or command.DEFAULT_MASTER_PORT)
+    if backend == "modal":
+        if rank is not None or addr is not None:
+            raise UsageError(
+                "NODE_RANK and MASTER_ADDR are not for BACKEND=modal: its cluster numbers the "
+                "nodes and gives node 0's address"
+            )
+        if count not in CLUSTER_SIZES:
+            sizes = " or ".join(map(str, CLUSTER_SIZES))
+            raise UsageError(f"NODES={count}: Modal clusters here have {sizes} nodes")
+        gpu = remote_gpu(stage, knobs.get("gpu"))
+        if gpu_count(gpu) != GPUS_PER_CLUSTER_NODE:
+            raise UsageError(
+                f"NODES={count} on Modal needs whole 8-GPU nodes (GPU=H100:8 or the like), "
+                f"got GPU={knobs.get('gpu') or gpu}"
+            )
+        return command.Nodes(count, None, "", port)
+    if rank is None:
+        raise UsageError(
+            f"NODES={count} needs NODE_RANK: this machine's index, 0 on the node at MASTER_ADDR, "
+            f"1 .. {count - 1} on the others (the same command on every node)"
+        )
+    if int(rank) >= count:
+        raise UsageError(f"NODE_RANK={rank} is not below NODES={count}: use 0 .. {count - 1}")
+    if addr is None:
+        raise UsageError(
+            f"NODES={count} needs MASTER_ADDR: the address of node 0 (NODE_RANK=0) that every "
+            "node can reach, e.g. MASTER_ADDR=10.0.0.1"
+        )
+    return command.Nodes(count, int(rank), str(addr), port)
+
+
 def runner_notes(given: dict[str, object], backend: str) -> list[str]:
     notes = []
     if given.get("detach") and backend != "modal":
@@ -217,15 +272,32 @@ def runner_notes(given: dict[str, object], backend: str) -> list[str]:
 def dry_run_note(the_plan: Plan) -> str:
     env = " ".join(f"{k}={v}" for k, v in the_plan.command.env.items())
     note = f"# dry run: nothing ran; the command gets {env}"
+    nodes = the_plan.command.nodes
+    if nodes.count > 1:
+        note += "\n# " + nodes_line(nodes, the_plan.command.nproc, the_plan.backend)
     if the_plan.stage.explain and the_plan.stage.implemented():
         module, _, function = the_plan.stage.explain.partition(":")
         explain = getattr(importlib.import_module(module), function)
         args = command.script_args(the_plan.stage, the_plan.preset, the_plan.knobs)
-        for line in explain(args, the_plan.command.nproc, the_plan.base_dir):
+        for line in explain(args, the_plan.command.nproc * nodes.count, the_plan.base_dir):
             note += f"\n# {line}"
     if not the_plan.stage.implemented():
         note += f"\n# note: stage {the_plan.stage.name!r} is not implemented yet"
     return note
+
+
+def nodes_line(nodes: command.Nodes, nproc: int, backend: str) -> str:
+    """What a multi-node run is, in one line (dry runs print it)."""
+    world = f"{nodes.count} nodes x {nproc} process(es) = {nodes.count * nproc} ranks"
+    if backend == "modal":
+        return f"{world}; Modal starts the nodes together and numbers them"
+    return (
+        f"{world}; this is node {nodes.rank}: run the same command on every node with its "
+        "own NODE_RANK, all within 10 min (torchrun waits that long); node 0 "
+        f"({nodes.master_addr}) must accept TCP port {nodes.master_port} and NCCL's/gloo's "
+        "connections from the others, and every node must see the same BASE_DIR "
+        "(docs/multinode.md)"
+    )
 
 
 # ---- make speedrun ------------------------------------------------------------------------
@@ -270,11 +342,21 @@ def speedrun_plans(**raw: object) -> list[Plan]:
             "(DRY_RUN=1 shows the plan)"
         )
     stage_knobs = {k: v for k, v in given.items() if k not in SPEEDRUN_KNOBS}
+    if int(given.get("nodes") or 1) > 1 and given.get("backend", "local") != "modal":
+        raise UsageError(
+            "make speedrun with NODES>1 runs on BACKEND=modal only; on your own machines run "
+            "the stages one by one: the one-process stages on one node, each multi-GPU stage "
+            "on every node with its NODE_RANK (docs/multinode.md)"
+        )
     plans = []
     for index, entry in enumerate(entries):
         # The entry's knobs win (chat-eval's SOURCE); every plan is checked as a dry run
-        # first, so nothing starts before all of them are valid.
-        the_plan = plan(entry.stage, quiet=True, **{**stage_knobs, **entry.knobs, "dry_run": True})
+        # first, so nothing starts before all of them are valid. NODES is for the
+        # multi-GPU stages; the others run in one container.
+        knobs = {**stage_knobs, **entry.knobs, "dry_run": True}
+        if not get_stage(entry.stage).multiprocess:
+            knobs = {k: v for k, v in knobs.items() if k not in NODE_KNOBS}
+        the_plan = plan(entry.stage, quiet=True, **knobs)
         force = forced_from is not None and index >= forced_from
         if force and trains(the_plan.stage):  # its inputs changed: start over
             env = {**the_plan.command.env, RESUME_ENV: "never"}

@@ -113,9 +113,12 @@ class Estimate:
     cost: float
     cores: int
     derived: str = ""  # how the hours were derived, when they were
+    nodes: int = 1  # containers of ``gpu`` (a Modal cluster); cost counts them all
 
     def line(self) -> str:
         where = f"{self.gpu}" if self.gpu else f"CPU x{self.cores}"
+        if self.nodes > 1:
+            where = f"{self.nodes} nodes x {where}"
         how = f" ({self.derived})" if self.derived else ""
         return f"{self.stage}: {where}, ~{self.hours:.2f} h, ~${self.cost:.2f}{how}"
 
@@ -166,19 +169,22 @@ def cpu_tokens_per_s(depth: int, vocab: int, seq_len: int, cores: int) -> float:
     return per_thread * cores * flops
 
 
-def pretrain_hours(argv: list[str], gpu: str | None, cores: int) -> tuple[float, str]:
-    """Hours of the pretraining command ``argv`` (its script flags) on ``gpu`` (None: a CPU
-    container of ``cores``), and how they were derived."""
+def pretrain_hours(
+    argv: list[str], gpu: str | None, cores: int, nodes: int = 1
+) -> tuple[float, str]:
+    """Hours of the pretraining command ``argv`` (its script flags) on ``nodes`` x ``gpu``
+    (None: a CPU container of ``cores``), and how they were derived. Nodes are assumed to
+    add throughput linearly (unmeasured: docs/multinode.md)."""
     from scripts.base_train import planned
 
     count = gpu_count(gpu) or 1
-    the_dial = planned(argv, count, dial.DEFAULT_VOCAB)
+    the_dial = planned(argv, count * nodes, dial.DEFAULT_VOCAB)
     fp8 = "--fp8" in argv
     if gpu is None:
         speed = cpu_tokens_per_s(the_dial.depth, the_dial.vocab_size, the_dial.seq_len, cores)
     else:
         speed = h100_tokens_per_s(the_dial.depth, the_dial.vocab_size, the_dial.seq_len)
-        speed *= (FP8_SPEEDUP if fp8 else 1.0) * _throughput(gpu)
+        speed *= (FP8_SPEEDUP if fp8 else 1.0) * _throughput(gpu) * nodes
     hours = the_dial.tokens / speed / 3600 * TRAINING_OVERHEAD
     how = (
         f"{_count(the_dial.tokens)} tokens at ~{_count(speed)} tokens/s"
@@ -193,25 +199,30 @@ def estimate(
     gpu: str | None,
     reference_gpu: str | None,
     argv: list[str] | None = None,
+    nodes: int = 1,
 ) -> Estimate:
-    """Hours and cost of one stage on ``gpu``: measured hours where the table has them
-    (tiny), derived for pretraining elsewhere (``argv``: its script flags; GPUs or CPU),
-    else scaled from the preset's reference GPUs."""
+    """Hours and cost of one stage on ``gpu`` (``nodes`` containers of it for a multi-GPU
+    stage: the wall hours shrink, the cost counts every node): measured hours where the
+    table has them (tiny), derived for pretraining elsewhere (``argv``: its script flags;
+    GPUs or CPU), else scaled from the preset's reference GPUs."""
     cores = remote_resources(stage, gpu)[0]
+    nodes = nodes if stage.hardware == "gpus" else 1
     table = EXPECTED_HOURS.get(preset, EXPECTED_HOURS["speedrun"])
     measured = preset in EXPECTED_HOURS and stage.name in table and gpu is None
     if stage.name == "pretrain" and argv is not None and not measured:
         try:
-            hours, how = pretrain_hours(argv, gpu, cores)
-            return Estimate(stage.name, gpu, hours, hours * hourly_cost(gpu, stage), cores, how)
+            hours, how = pretrain_hours(argv, gpu, cores, nodes)
+            cost = hours * hourly_cost(gpu, stage) * nodes
+            return Estimate(stage.name, gpu, hours, cost, cores, how, nodes)
         except UsageError:  # a batch that does not divide: the dry run says so itself
             pass
     hours = table.get(stage.name, 0.25)
     reference = _throughput(reference_gpu)
     actual = _throughput(gpu)
     if stage.hardware == "gpus" and reference and actual:
-        hours *= reference / actual
-    return Estimate(stage.name, gpu, hours, hours * hourly_cost(gpu, stage), cores)
+        hours *= reference / (actual * nodes)
+    cost = hours * hourly_cost(gpu, stage) * nodes
+    return Estimate(stage.name, gpu, hours, cost, cores, nodes=nodes)
 
 
 def gpu_hours(gpu: str | None, seconds: float) -> float:

@@ -402,6 +402,12 @@ def remote_gpu(stage: Stage, gpu: object | None) -> str | None:
     return kind if stage.hardware == "gpu" or count == "1" else f"{kind}:{count}"
 
 
+# Modal cluster sizes with a clustered function per multi-GPU stage (NODES on Modal); each
+# node is a whole host (GPU=<type>:8), as Modal's clusters require.
+CLUSTER_SIZES = (2, 4)
+GPUS_PER_CLUSTER_NODE = 8
+
+
 def gpu_count(spec: str | None) -> int:
     """GPUs in a Modal GPU string: None -> 0, 'H100' -> 1, 'H100:8' -> 8."""
     if spec is None:

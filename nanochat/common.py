@@ -122,6 +122,9 @@ def non_negative_float(text: str) -> float:
 
 
 RESUME_ENV = "NANOCHAT_RESUME"  # the --resume default: FORCE sets it, Modal's retries too
+# Where a stage's processes ask their container to commit the checkpoint volume (Modal;
+# nanochat.training.checkpoint.commit_files); unset elsewhere.
+COMMIT_DIR_ENV = "NANOCHAT_COMMIT_DIR"
 
 
 def resume_policy(text: str) -> str:

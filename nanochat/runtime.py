@@ -56,6 +56,14 @@ class Runtime:
         """``all_agree``: True on every rank when any rank says True."""
         return all_agree(flag, self)
 
+    def collect(self, obj: object) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def memory_bytes(self) -> int | None:
         """The memory one process of this run may use: its GPU's total memory, or on CPU
         the machine's available memory (within a cgroup limit) shared by the processes on

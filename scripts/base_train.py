@@ -166,9 +166,11 @@ class Pretraining(Trainer):
             passes = planned / count_tokens(train_paths, tokenizer, limit=planned)
             self.lr_scale = schedules.lr_scale_for_passes(args.lr_scale, passes)
         run_state.scale_lrs(self.optimizer, self.lr_scale)
+        # one stream per micro-batch of a step: the data of a step does not depend on the
+        # number of processes, so a checkpoint resumes on any count that divides the batch
         self.loader = PackedLoader(
             train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size,
-            rt.device,
+            rt.device, slots_per_rank=self.dial.accumulation,
         )  # fmt: skip
         self.tag = args.tag or f"d{args.depth}"
         self.ckpt_dir = checkpoint.checkpoint_dir(base, "base", self.tag)
@@ -179,7 +181,6 @@ class Pretraining(Trainer):
             "total_batch": self.total_batch,
             "num_steps": self.num_steps,
             "dataset": args.dataset,
-            "world_size": rt.world_size,
             "lr_scale": args.lr_scale,
             "lr_scale_per_pass": args.lr_scale_per_pass,
             **recipe.as_config(args),

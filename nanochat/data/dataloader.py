@@ -2,8 +2,8 @@
 
 Stage 3 (``scripts.base_train``) and the bits-per-byte evaluation draw their batches here:
 
-- every rank reads its own row groups of the training shards (rank, rank+W, rank+2W, ...
-  over the list of all (shard, row group) pairs), so ranks never see the same document;
+- every stream reads its own row groups of the training shards (s, s+S, s+2S, ... over the
+  list of all (shard, row group) pairs), so no two streams see the same document;
 - documents are tokenized in batches with BOS prepended and kept in a buffer;
 - each row of T+1 tokens is packed by best fit: the longest buffered document that still
   fits goes in next; when none fits, the shortest one is cropped to fill the row (its rest
@@ -14,8 +14,11 @@ Evaluation reads differently (``EvalRows``): the documents in shard order, BOS-p
 end to end, cut into rows that overlap by one token, so every token of the split is a target
 exactly once, in the same order on every run; a fixed number of rows caps it.
 
-``state_dict()`` captures where the loader is (epoch, the next row group, the buffered
-documents), so a resumed run gets exactly the batches an uninterrupted run would have got.
+The rows come from one stream per micro-batch of a step (processes x gradient accumulation),
+so the data of a step does not depend on the number of processes (``PackedLoader``).
+``state_dict()`` captures where each stream is (epoch, the next row group, the buffered
+documents), so a resumed run gets exactly the batches an uninterrupted run would have got,
+on as many processes as before or (``load_shards``) on any other count that divides the batch.
 
 Damaged data stops the loader with ``shards.ShardError`` (one line naming the shard and the
 fix), never a raw pyarrow/ZSTD trace: at construction every shard's size is compared with its
@@ -148,8 +151,57 @@ class BestFitPacker:
             self.buffer.add(list(doc))
 
 
-class PackedLoader(BestFitPacker):
-    """Yields (inputs, targets) of shape (batch, seq_len) for one rank, forever (epochs)."""
+class ShardStream(BestFitPacker):
+    """One stream of packed rows: its own row groups in order, epoch after epoch, and its
+    own buffer. ``files`` (shared by a loader's streams) keeps each shard open once."""
+
+    def __init__(self, loader: PackedLoader, groups: list[tuple[int, int]]):
+        self.loader, self.groups = loader, groups
+        self.batch_size, self.seq_len, self.device = (
+            loader.batch_size,
+            loader.seq_len,
+            loader.device,
+        )
+        self.epoch = 0
+        self.cursor = 0  # index into groups of the next row group to read
+        self.buffer = _Buffer()
+
+    def _read_next_group(self) -> list[str]:
+        if self.cursor >= len(self.groups):
+            self.epoch += 1
+            self.cursor = 0
+        shard, rg = self.groups[self.cursor]
+        texts = self.loader.read_group(shard, rg)
+        self.cursor += 1  # only past a group that was read: a resumed state stays exact
+        return texts
+
+    def _refill(self) -> None:
+        while len(self.buffer) < self.loader.buffer_docs:
+            texts = self._read_next_group()
+            for start in range(0, len(texts), TOKENIZE_BATCH):
+                chunk = texts[start : start + TOKENIZE_BATCH]
+                for doc in self.loader.tokenizer.encode(chunk, prepend="<|bos|>"):
+                    self.buffer.add(doc)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "buffer": self.buffer_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.load_buffer(state["buffer"])
+
+
+class PackedLoader:
+    """Yields (inputs, targets) of shape (batch, seq_len) for one rank, forever (epochs).
+
+    The data is cut into one stream per micro-batch of an optimizer step, ``world_size x
+    slots_per_rank`` streams (processes x gradient accumulation), stream s reading the row
+    groups s, s+S, s+2S, ... Rank r owns streams r, r+W, r+2W, ... and its k-th micro-batch
+    of a step comes from its k-th stream. So what a step trains on depends only on the total
+    and device batch, never on how many processes share it: 2 processes x accumulation 1
+    and 1 process x accumulation 2 train on the same rows, and a checkpoint's position can
+    be dealt out again to another number of processes (``load_shards``).
+    """
 
     def __init__(
         self,
@@ -161,6 +213,7 @@ class PackedLoader(BestFitPacker):
         world_size: int = 1,
         device: str | torch.device = "cpu",
         buffer_docs: int = DEFAULT_BUFFER_DOCS,
+        slots_per_rank: int = 1,
     ):
         if not paths:
             raise ValueError("no shards to read")
@@ -172,58 +225,90 @@ class PackedLoader(BestFitPacker):
         self.buffer_docs = buffer_docs
         shards.check_sizes(self.paths)
         self.groups = row_groups(self.paths)
-        if len(self.groups) < world_size:
+        self.slots = world_size * slots_per_rank
+        if len(self.groups) < self.slots:
             raise ValueError(
-                f"{len(self.groups)} row group(s) cannot feed {world_size} ranks: "
+                f"{len(self.groups)} row group(s) cannot feed {self.slots} streams "
+                f"({world_size} process(es) x accumulation {slots_per_rank}): "
                 "download more shards"
             )
-        self.my_groups = self.groups[rank::world_size]
-        self.epoch = 0
-        self.cursor = 0  # index into my_groups of the next row group to read
-        self.buffer = _Buffer()
+        self.my_slots = list(range(rank, self.slots, world_size))
+        self.streams = [ShardStream(self, self.groups[s :: self.slots]) for s in self.my_slots]
+        self.turn = 0  # which of this rank's streams gives the next micro-batch
         self._files: dict[int, object] = {}
 
-    # --- reading ----------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Full passes over its row groups of this rank's slowest stream."""
+        return min(stream.epoch for stream in self.streams)
 
-    def _read_next_group(self) -> list[str]:
-        if self.cursor >= len(self.my_groups):
-            self.epoch += 1
-            self.cursor = 0
-        shard, rg = self.my_groups[self.cursor]
+    def read_group(self, shard: int, rg: int) -> list[str]:
         path = self.paths[shard]
         if shard not in self._files:
             self._files[shard] = shards.open_shard(path)  # sha256 on first open
-        texts = shards.read_texts(self._files[shard], path, rg)
-        self.cursor += 1  # only past a group that was read: a resumed state stays exact
-        return texts
+        return shards.read_texts(self._files[shard], path, rg)
 
-    def _refill(self) -> None:
-        while len(self.buffer) < self.buffer_docs:
-            texts = self._read_next_group()
-            for start in range(0, len(texts), TOKENIZE_BATCH):
-                chunk = texts[start : start + TOKENIZE_BATCH]
-                for doc in self.tokenizer.encode(chunk, prepend="<|bos|>"):
-                    self.buffer.add(doc)
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = self.streams[self.turn]
+        self.turn = (self.turn + 1) % len(self.streams)
+        return stream.next_batch()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
 
     # --- resume -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """This rank's streams, by their global slot (any rank count can load them back)."""
         return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "buffer": self.buffer_state(),
+            "slots": self.slots,
+            "turn": self.turn,
+            "streams": {
+                s: st.state_dict() for s, st in zip(self.my_slots, self.streams, strict=True)
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+        """Load this rank's streams from a state holding at least them (one rank's saved
+        state on the same world size, or ``load_shards``'s union of every rank's)."""
+        state = _slot_state(state)
+        if state["slots"] != self.slots:
             raise ValueError(
-                f"loader state is for rank {state['rank']} of {state['world_size']}, "
-                f"this is rank {self.rank} of {self.world_size}"
+                f"the data position has {state['slots']} streams, this run {self.slots} "
+                "(processes x accumulation = total batch / (device batch x sequence)): "
+                "resume with the same --device-batch and --total-batch"
             )
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.load_buffer(state["buffer"])
+        missing = [s for s in self.my_slots if s not in state["streams"]]
+        if missing:
+            raise ValueError(f"the data position lacks the stream(s) {missing} of rank {self.rank}")
+        if state["turn"] and len(state["streams"]) != len(self.streams):
+            raise ValueError("a data position saved mid-step cannot be dealt to other ranks")
+        for s, stream in zip(self.my_slots, self.streams, strict=True):
+            stream.load_state_dict(state["streams"][s])
+        self.turn = int(state["turn"])
+
+    def load_shards(self, states: Sequence[dict]) -> None:
+        """Load every rank's saved position of a run on another number of processes: the
+        streams are the same, only dealt to ranks differently."""
+        merged = {"slots": None, "turn": 0, "streams": {}}
+        for state in map(_slot_state, states):
+            if merged["slots"] not in (None, state["slots"]):
+                raise ValueError("the ranks' data positions disagree on the number of streams")
+            merged["slots"] = state["slots"]
+            merged["turn"] = merged["turn"] or state["turn"]
+            merged["streams"].update(state["streams"])
+        self.load_state_dict(merged)
+
+
+def _slot_state(state: dict) -> dict:
+    """A saved loader state in the per-stream form; a checkpoint from before the streams
+    (one stream per rank: rank, world_size, epoch, cursor, buffer) is its rank's stream
+    when each process took one micro-batch a step, which the slot count then checks."""
+    if "slots" in state:
+        return state
+    stream = {k: state[k] for k in ("epoch", "cursor", "buffer")}
+    return {"slots": state["world_size"], "turn": 0, "streams": {state["rank"]: stream}}
 
 
 class EvalRows:

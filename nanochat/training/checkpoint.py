@@ -7,10 +7,16 @@ Layout, one folder per run tag, e.g. ``base_checkpoints/d12/``:
     meta_000500.json         step, configs, metrics, and the size + sha256 of every file
 
 Every file is written to a temp name and renamed; ``meta_<step>.json`` is written last, after
-all ranks finished theirs, so its presence means the checkpoint is whole (the Modal backend
-commits its volume when one appears). ``latest`` walks the metas from the newest and returns
-the first whose files all exist with the recorded size and hash: a checkpoint cut short by a
-kill (or damaged later) is reported in one line and the previous one is used.
+all ranks finished theirs, so its presence means the checkpoint is whole. Across nodes that
+may not see each other's files until they are committed (Modal volumes), the save is:
+each rank writes its files and records their size and sha256 itself; the records are
+gathered to rank 0 over the process group (no rank reads another's files); each node commits
+its files (``commit_files``: a request to the Modal container's committer, nothing
+elsewhere); a barrier; rank 0 writes the meta from the records and commits it. A node lost
+at any moment leaves no meta, or one whose files are all committed: complete or absent.
+``latest`` walks the metas from the newest and returns the first whose files all exist with
+the recorded size and hash: a checkpoint cut short by a kill (or damaged later) is reported
+in one line and the previous one is used.
 ``start_point`` takes the tag's run lock (``nanochat.training.run_lock``: one run per tag at a
 time), removes temp files a killed save left, and applies the stage's --resume policy; checkpoints
 a fresh start must not pick up (they would be resumed, or loaded by the next stage, instead
@@ -38,6 +44,7 @@ import torch
 
 from nanochat.common import (
     CHECKPOINT_KINDS,
+    COMMIT_DIR_ENV,
     DiskFullError,
     UsageError,
     atomic_path,
@@ -115,13 +122,14 @@ def save(
     barrier: Callable[[], None] = lambda: None,
     keep_last: int = KEEP_LAST,
     agree: Callable[[bool], bool] = lambda flag: flag,
+    collect: Callable[[object], list] = lambda obj: [obj],
 ) -> Path:
     """Write one checkpoint; every rank calls this (rank 0 passes the model state).
 
-    ``barrier`` is torch.distributed.barrier under torchrun: rank 0 writes the meta only
-    after every rank has written its own file. ``agree(flag)`` is True on every rank when
-    any rank says True (``runtime.all_agree``): a save that cannot fit on one rank's disk is
-    refused on all of them, before any writes.
+    ``barrier`` is torch.distributed.barrier under torchrun; ``agree(flag)`` is True on every
+    rank when any rank says True (``runtime.all_agree``): a save that cannot fit on one
+    rank's disk is refused on all of them, before any writes; ``collect(obj)`` is every
+    rank's ``obj`` (``Runtime.collect``): rank 0 gets each rank's file records that way.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,25 +146,60 @@ def save(
         refused = exc
     if agree(refused is not None):
         raise refused or DiskFullError(model_file(directory, step), needed, "on another rank")
+    mine = [rank_file(directory, step, rank)]
     if rank == 0:
         _save_torch(model_state, model_file(directory, step))
+        mine.insert(0, model_file(directory, step))
     _save_torch(rank_state, rank_file(directory, step, rank))
-    barrier()
+    records = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in mine}
+    every = collect(records)
+    commit_files(f"step {step} rank {rank}")
+    barrier()  # every node's files are committed
+    keep_from = None
     if rank == 0:
-        files = [model_file(directory, step)] + [
-            rank_file(directory, step, r) for r in range(world_size)
-        ]
-        record = {
-            **meta,
-            "step": step,
-            "world_size": world_size,
-            "saved_at": time.time(),
-            "files": {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files},
-        }
+        files = {name: record for ranks in every for name, record in ranks.items()}
+        record = {**meta, "step": step, "world_size": world_size, "saved_at": time.time(),
+                  "files": files}  # fmt: skip
         atomic_write_text(meta_file(directory, step), json.dumps(record, indent=2) + "\n")
-        _prune(directory, keep_last)
+        _completed.setdefault(directory.resolve(), set()).add(step)
+        keep_from = _prune(directory, keep_last)
+        commit_files(f"step {step} meta")
+    # Each rank deletes its own old files too: rank 0 may not see another node's.
+    keep_from = collect(keep_from)[0]
+    if keep_from is not None:
+        for f in directory.glob(f"rank_*_r{rank}.pt"):
+            found = STEP_OF_FILE.match(f.name)
+            if found and int(found.group(1)) < keep_from:
+                f.unlink(missing_ok=True)
     barrier()
     return meta_file(directory, step)
+
+
+# --- committing files to shared storage (Modal volumes) ---------------------------------------
+
+COMMIT_TIMEOUT_S = 900.0
+
+
+def commit_files(what: str, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
+    """Make this process's writes visible to other nodes before going on. Without
+    $NANOCHAT_COMMIT_DIR (a local disk, NFS) there is nothing to do. On Modal the stage's
+    container serves requests (``backends.modal_volumes.CheckpointCommitter``): this writes
+    ``<id>.request`` there and waits for ``<id>.done`` (empty: committed; else the error)."""
+    folder = os.environ.get(COMMIT_DIR_ENV)
+    if not folder:
+        return
+    token = f"{os.getpid()}-{time.monotonic_ns()}"
+    request, done = Path(folder) / f"{token}.request", Path(folder) / f"{token}.done"
+    atomic_write_text(request, what + "\n")
+    deadline = time.monotonic() + timeout_s
+    while not done.exists():
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"the volume commit of {what} took over {timeout_s:.0f} s")
+        time.sleep(0.05)
+    error = done.read_text().strip()
+    done.unlink(missing_ok=True)
+    if error:
+        raise CheckpointError(f"the volume commit of {what} failed: {error}")
 
 
 def steps(directory: Path) -> list[int]:
@@ -323,8 +366,8 @@ def load_rank_state(
     file against its record first (``find`` hashed only the model file)."""
     if rank >= found.meta["world_size"]:
         raise CheckpointError(
-            f"checkpoint step {found.step} was written by {found.meta['world_size']} process(es); "
-            f"resume with the same GPUS (rank {rank} has no state)"
+            f"checkpoint step {found.step} was written by {found.meta['world_size']} "
+            f"process(es): rank {rank} has no state there"
         )
     path = rank_file(found.directory, found.step, rank)
     recorded = found.meta.get("files", {}).get(path.name)
@@ -333,23 +376,31 @@ def load_rank_state(
     return torch.load(path, map_location=device, weights_only=False)
 
 
-def _prune(directory: Path, keep_last: int) -> None:
+# Steps this process saved whole: complete by construction, also where another node's files
+# are not visible here (a Modal volume before the other node's commit is reloaded).
+_completed: dict[Path, set[int]] = {}
+
+
+def _prune(directory: Path, keep_last: int) -> int | None:
     """Keep the newest ``keep_last`` complete checkpoints and delete the older ones (their
     meta first), and older files of saves that never got a meta (killed mid-save: never a
     checkpoint, only space taken). Only complete ones count: a damaged one never takes a
     good one's place, and nothing newer than the oldest kept is touched (the next start
-    sets damaged ones aside)."""
+    sets damaged ones aside). Returns the oldest kept step (None: nothing pruned), below
+    which the other ranks delete their own files."""
     good = []
+    saved_here = _completed.get(Path(directory).resolve(), set())
     for step in steps(directory):
         try:
-            verify(directory, step, check_hash=False)
+            if step not in saved_here:
+                verify(directory, step, check_hash=False)
         except CheckpointError:
             continue
         good.append(step)
         if len(good) == keep_last:
             break
     if len(good) < keep_last:
-        return
+        return None
     for step in steps(directory):
         if step < good[-1]:
             meta_file(directory, step).unlink(missing_ok=True)
@@ -357,6 +408,7 @@ def _prune(directory: Path, keep_last: int) -> None:
         found = STEP_OF_FILE.match(f.name)
         if found and int(found.group(1)) < good[-1]:
             f.unlink(missing_ok=True)
+    return good[-1]
 
 
 # --- finding and loading the checkpoint a stage starts from ----------------------------------

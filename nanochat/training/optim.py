@@ -389,12 +389,34 @@ class MuonAdamW(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load this rank's shard; it must come from the same rank of the same world size."""
+        """Load this rank's shard; it must come from the same rank of the same world size
+        (``load_shards`` takes a checkpoint of another world size)."""
         state_dict = dict(state_dict)
         world = state_dict.pop("world", None)
         here = {"rank": self.rank, "world_size": self.world_size}
         if world is not None and world != here:
             raise ValueError(f"optimizer state saved by {world} cannot load into {here}")
+        self._restore(state_dict)
+
+    def load_shards(self, shards: list[dict]) -> None:
+        """Load the shards every rank of a run on another number of processes saved: their
+        states (keyed by the parameter's index, the same on every rank) are merged, and
+        this rank keeps those of the parameters it owns now."""
+        merged: dict = {}
+        for shard in shards:
+            merged.update(shard["state"])
+        groups = shards[0]["param_groups"]
+        params = [p for group in self.param_groups for p in group["params"]]
+        index = [i for group in groups for i in group["params"]]
+        if len(index) != len(params):
+            raise ValueError(
+                f"optimizer state for {len(index)} parameters, this model has {len(params)}"
+            )
+        by_index = dict(zip(index, params, strict=True))
+        mine = {i: state for i, state in merged.items() if self.owns(by_index[i])}
+        self._restore({"state": mine, "param_groups": groups})
+
+    def _restore(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # fields newer than the state take their defaults
             for key, value in self.defaults.items():

@@ -7,7 +7,8 @@ at each checkpoint, written once for pretraining, midtraining, SFT and RL.
 - ``save`` / ``resume``: a checkpoint holds the model (rank 0), and per rank the optimizer
   shard, the data position (any object with ``state_dict``/``load_state_dict``: a loader, RL's
   prompt order) and the RNG states, so a resumed run continues exactly where it stopped; a
-  resume with other settings is refused;
+  resume with other settings is refused; a checkpoint of another number of processes is
+  re-sharded (``reshard``) when the stage's data position can be dealt again (pretraining);
 - ``warm_start``: a fresh chat stage starts from its source checkpoint's optimizer moments
   when they fit.
 
@@ -132,6 +133,7 @@ def save(ckpt_dir, step, run_config, model, optimizer, position, rt, bpb) -> Non
         world_size=rt.world_size,
         barrier=dist.barrier if rt.distributed else (lambda: None),
         agree=rt.agree,
+        collect=rt.collect,
     )
     if rt.master:
         log(f"checkpoint step {step} -> {ckpt_dir}")
@@ -155,9 +157,19 @@ def resume(found, run_config, model, optimizer, position, rt, legacy=None) -> in
             "use the same settings, another --tag, or --resume=never to start over"
         )
     model.load_state_dict(checkpoint.load_model_state(found, rt.device))
-    state = checkpoint.load_rank_state(found, rt.rank, rt.device)
-    optimizer.load_state_dict(state["optimizer"])
-    position.load_state_dict(state["loader"])
+    saved_world = found.meta["world_size"]
+    if saved_world == rt.world_size:
+        state = checkpoint.load_rank_state(found, rt.rank, rt.device)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            position.load_state_dict(state["loader"])
+        except ValueError as exc:
+            raise UsageError(
+                f"cannot resume {found.directory} step {found.step}: {exc}; "
+                "--resume=never starts over"
+            ) from None
+    else:
+        state = reshard(found, optimizer, position, rt)
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if state["rng"]["cuda"] is not None and rt.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), rt.device)
@@ -165,6 +177,37 @@ def resume(found, run_config, model, optimizer, position, rt, legacy=None) -> in
     if rt.master:
         log(f"resuming from step {found.step} ({found.directory})")
     return found.step
+
+
+def reshard(found, optimizer, position, rt) -> dict:
+    """Resume a checkpoint written by another number of processes: every rank reads every
+    rank's file (on the CPU), keeps the optimizer state of the parameters it owns now and
+    the data streams it reads now; the RNG states are rank r's (rank 0's for a rank the
+    checkpoint lacks). Returns that rank state. A stage whose data position cannot be dealt
+    again (no ``load_shards``) is a UsageError."""
+    from nanochat.training import checkpoint
+
+    saved_world = found.meta["world_size"]
+    if not hasattr(position, "load_shards"):
+        raise UsageError(
+            f"the checkpoint in {found.directory} was written by {saved_world} process(es) and "
+            f"this stage resumes only on as many (this run has {rt.world_size}): use GPUS/NODES "
+            "to match, or --resume=never to start over"
+        )
+    states = [checkpoint.load_rank_state(found, r, "cpu") for r in range(saved_world)]
+    try:
+        optimizer.load_shards([state["optimizer"] for state in states])
+        position.load_shards([state["loader"] for state in states])
+    except ValueError as exc:
+        raise UsageError(
+            f"cannot resume {found.directory} step {found.step}: {exc}; --resume=never starts over"
+        ) from None
+    if rt.master:
+        log(
+            f"step {found.step} was written by {saved_world} process(es), this run has "
+            f"{rt.world_size}: optimizer state and data position re-sharded"
+        )
+    return states[rt.rank if rt.rank < saved_world else 0]
 
 
 def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt, legacy=None):

@@ -60,8 +60,10 @@ def set_schedule(optimizer, lr_multiplier: float, momentum: float, wd_multiplier
 
 def train_step(forward, model, optimizer, loader, accumulation: int, runtime) -> float:
     """Forward/backward over ``accumulation`` micro-batches, one optimizer step; the mean
-    loss of the step (one host sync per step)."""
+    loss of the step over every process's micro-batches (one host sync per step), so the
+    logged loss is the whole batch's on any number of processes."""
     import torch
+    import torch.distributed as dist
 
     total = torch.zeros((), device=runtime.device)
     for _ in range(accumulation):
@@ -72,6 +74,9 @@ def train_step(forward, model, optimizer, loader, accumulation: int, runtime) ->
         total += loss.detach() / accumulation
     optimizer.step()
     model.zero_grad(set_to_none=True)
+    if runtime.distributed:
+        dist.all_reduce(total)
+        total /= runtime.world_size
     return total.item()
 
 

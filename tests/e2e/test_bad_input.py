@@ -26,7 +26,18 @@ BAD_KNOBS = [
     ({"gpu": "H100:0"}, "GPU must look like H100:8"),
     ({"dataset": "../etc"}, "DATASET must be a lowercase name"),
     ({"args": "--x 'unclosed"}, "ARGS cannot be split like a shell line"),
-    ({"nodes": "2"}, "NODES=2: multi-node runs are not built yet; see docs/multinode.md"),
+    ({"nodes": "2"}, "NODES=2 needs NODE_RANK: this machine's index"),
+    ({"nodes": "2", "node_rank": "0"}, "NODES=2 needs MASTER_ADDR: the address of node 0"),
+    ({"nodes": "2", "node_rank": "2", "master_addr": "h"}, "NODE_RANK=2 is not below NODES=2"),
+    ({"nodes": "2", "node_rank": "-1"}, "NODE_RANK must be 0 or a positive integer, got '-1'"),
+    ({"node_rank": "1"}, "NODE_RANK applies only to a multi-node run: add NODES=2"),
+    ({"master_addr": "h", "master_port": "1"}, "MASTER_ADDR, MASTER_PORT apply only to"),
+    ({"nodes": "2", "master_port": "70000"}, "MASTER_PORT must be a TCP port, 1-65535"),
+    ({"nodes": "2", "master_addr": "a b"}, "MASTER_ADDR must be a host name or an IPv4/IPv6"),
+    (
+        {"nodes": "2", "backend": "modal", "node_rank": "1"},
+        "NODE_RANK and MASTER_ADDR are not for BACKEND=modal",
+    ),
     (
         {"backend": "modal", "preset": "quick", "gpus": "8"},
         "GPUS=8 but only 4 GPU(s) are in the remote container (GPU=A100-80GB:4)",
@@ -38,6 +49,11 @@ BAD_KNOBS = [
 def test_bad_knob_is_a_usage_error(knobs, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan("pretrain", dry_run=True, **knobs)
+
+
+def test_nodes_on_a_one_process_stage_is_a_usage_error():
+    with pytest.raises(UsageError, match="stage 'tokenizer' runs as one process"):
+        plan("tokenizer", dry_run=True, nodes="2", node_rank="0", master_addr="127.0.0.1")
 
 
 def test_unknown_stage():

@@ -52,7 +52,7 @@ def test_best_fit_fills_rows_with_whole_documents_first(corpus):
     loader = PackedLoader(paths, tok, batch_size=1, seq_len=256, buffer_docs=32)
     bos = tok.special_id("<|bos|>")
     for _ in range(10):
-        row = loader.next_row()
+        row = loader.streams[0].next_row()
         assert len(row) == 257
         starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
         assert starts[0] == 0 and len(starts) >= 3  # several documents per row
@@ -66,15 +66,78 @@ def test_ranks_read_disjoint_row_groups(corpus):
     paths, tok = corpus
     everything = row_groups(paths)
     assert len(everything) == 12
-    mine = [PackedLoader(paths, tok, 2, 16, rank=r, world_size=3).my_groups for r in range(3)]
+    loaders = [PackedLoader(paths, tok, 2, 16, rank=r, world_size=3, slots_per_rank=2)
+               for r in range(3)]  # fmt: skip
+    mine = [[g for stream in loader.streams for g in stream.groups] for loader in loaders]
     assert sorted(sum(mine, [])) == sorted(everything)
     assert not set(mine[0]) & set(mine[1])
+    assert [loader.my_slots for loader in loaders] == [[0, 3], [1, 4], [2, 5]]
 
 
-def test_too_many_ranks_is_a_clear_error(corpus):
+def test_too_many_streams_is_a_clear_error(corpus):
     paths, tok = corpus
-    with pytest.raises(ValueError, match="12 row group\\(s\\) cannot feed 16 ranks"):
-        PackedLoader(paths, tok, 2, 16, rank=0, world_size=16)
+    with pytest.raises(ValueError, match="12 row group\\(s\\) cannot feed 16 streams"):
+        PackedLoader(paths, tok, 2, 16, rank=0, world_size=8, slots_per_rank=2)
+
+
+def take(loader, micro_batches: int) -> list[torch.Tensor]:
+    return [loader.next_batch()[0] for _ in range(micro_batches)]
+
+
+def test_a_step_trains_on_the_same_rows_on_any_number_of_processes(corpus):
+    """4 streams: 1 process x accumulation 4 == 2 x 2 == 4 x 1, micro-batch for micro-batch
+    (rank r's k-th micro-batch is stream r + k*W's)."""
+    paths, tok = corpus
+    one = take(PackedLoader(paths, tok, 2, 16, buffer_docs=8, slots_per_rank=4), 12)
+    for world in (2, 4):
+        ranks = [take(PackedLoader(paths, tok, 2, 16, r, world, buffer_docs=8,
+                                   slots_per_rank=4 // world), 12 // world)
+                 for r in range(world)]  # fmt: skip
+        for step in range(3):
+            for slot in range(4):
+                rank, k = slot % world, slot // world
+                got = ranks[rank][step * (4 // world) + k]
+                assert torch.equal(got, one[step * 4 + slot])
+
+
+def test_positions_are_dealt_again_to_another_number_of_processes(corpus):
+    """A position saved by 2 processes, loaded by 1 (and one saved by 1, loaded by 2), gives
+    exactly the rows the uninterrupted run would have trained on."""
+    paths, tok = corpus
+
+    def loaders(world):
+        return [PackedLoader(paths, tok, 2, 16, r, world, buffer_docs=8,
+                             slots_per_rank=2 // world) for r in range(world)]  # fmt: skip
+
+    straight = take(loaders(1)[0], 12)  # 6 steps of 2 micro-batches
+    two = loaders(2)
+    for loader in two:
+        take(loader, 2)  # 2 steps
+    one = loaders(1)[0]
+    one.load_shards([loader.state_dict() for loader in two])
+    assert all(torch.equal(a, b) for a, b in zip(take(one, 6), straight[4:10], strict=True))
+    again = loaders(2)
+    for loader in again:
+        loader.load_shards([one.state_dict()])
+    rows = [take(loader, 1)[0] for loader in again]  # step 6: stream 0 on rank 0, 1 on 1
+    assert torch.equal(rows[0], straight[10]) and torch.equal(rows[1], straight[11])
+
+
+def test_a_position_with_another_stream_count_is_refused(corpus):
+    paths, tok = corpus
+    state = PackedLoader(paths, tok, 2, 16, rank=0, world_size=1, slots_per_rank=2).state_dict()
+    with pytest.raises(ValueError, match="the data position has 2 streams, this run 1"):
+        PackedLoader(paths, tok, 2, 16).load_state_dict(state)
+
+
+def test_a_position_from_before_the_streams_loads_as_its_ranks_stream(corpus):
+    paths, tok = corpus
+    old = PackedLoader(paths, tok, 2, 16, rank=1, world_size=2, buffer_docs=8)
+    take(old, 3)
+    legacy = {"rank": 1, "world_size": 2, **old.streams[0].state_dict()}
+    resumed = PackedLoader(paths, tok, 2, 16, rank=1, world_size=2, buffer_docs=8)
+    resumed.load_state_dict(legacy)
+    assert all(torch.equal(a, b) for a, b in zip(take(resumed, 3), take(old, 3), strict=True))
 
 
 def test_resume_gives_exactly_the_uninterrupted_batches(corpus):
@@ -98,7 +161,7 @@ def test_resume_gives_exactly_the_uninterrupted_batches(corpus):
 def test_state_of_another_rank_is_refused(corpus):
     paths, tok = corpus
     state = PackedLoader(paths, tok, 2, 16, rank=1, world_size=2).state_dict()
-    with pytest.raises(ValueError, match="loader state is for rank 1 of 2"):
+    with pytest.raises(ValueError, match=r"lacks the stream\(s\) \[0\] of rank 0"):
         PackedLoader(paths, tok, 2, 16, rank=0, world_size=2).load_state_dict(state)
 
 

@@ -196,8 +196,9 @@ def test_make_help_and_invoke_list_show_every_stage():
 
 
 def test_smoke_extends_tiny_and_its_flags_come_after_tinys():
-    """smoke keeps tiny's knobs and flags; its own flags follow, so they win in argparse."""
-    assert PRESETS["smoke"].knobs == PRESETS["tiny"].knobs
+    """smoke keeps tiny's knobs (but half its device batch) and flags; its own flags follow,
+    so they win in argparse."""
+    assert PRESETS["smoke"].knobs == {**PRESETS["tiny"].knobs, "device_batch": 8}
     assert PRESETS["smoke"].chain() == ("tiny", "smoke")
     args = command.script_args(STAGES_BY_NAME["pretrain"], "smoke", PRESETS["smoke"].knobs)
     assert args.index("--num-steps=80") < args.index("--num-steps=6")
