@@ -93,7 +93,8 @@ def skypilot_task(stage_name: str, knobs: dict, image: str | None = None) -> str
     run = "\n".join(
         [
             "set -euo pipefail",
-            'MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"',
+            # sed reads every line: `head -n1` could end the pipe early (SIGPIPE, pipefail)
+            'MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | sed -n 1p)"',
             f"cd {WORKDIR}",
             *(f"export {k}={shlex.quote(v)}" for k, v in cmd.env.items()),
             _shell(cmd, '"$SKYPILOT_NODE_RANK"', '"$MASTER_ADDR"'),
@@ -147,7 +148,8 @@ def slurm_script(stage_name: str, knobs: dict, base: Path) -> str:
         "#SBATCH --signal=TERM@120",
         "set -euo pipefail",
         'cd "${SLURM_SUBMIT_DIR:-.}"',
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
+        "# node 0: the allocation's first host (sed reads every line: no SIGPIPE under pipefail)",
+        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
         "export MASTER_ADDR",
         'export PATH="$PWD/.venv/bin:$PATH"',
         *(f"export {k}={shlex.quote(v)}" for k, v in cmd.env.items()),

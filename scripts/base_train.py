@@ -166,11 +166,10 @@ class Pretraining(Trainer):
             passes = planned / count_tokens(train_paths, tokenizer, limit=planned)
             self.lr_scale = schedules.lr_scale_for_passes(args.lr_scale, passes)
         run_state.scale_lrs(self.optimizer, self.lr_scale)
-        # one stream per micro-batch of a step: the data of a step does not depend on the
-        # number of processes, so a checkpoint resumes on any count that divides the batch
+        # a data stream per process; a checkpoint of another process count deals them out again
         self.loader = PackedLoader(
             train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size,
-            rt.device, slots_per_rank=self.dial.accumulation,
+            rt.device, accumulation=self.dial.accumulation,
         )  # fmt: skip
         self.tag = args.tag or f"d{args.depth}"
         self.ckpt_dir = checkpoint.checkpoint_dir(base, "base", self.tag)

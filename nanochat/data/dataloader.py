@@ -2,8 +2,9 @@
 
 Stage 3 (``scripts.base_train``) and the bits-per-byte evaluation draw their batches here:
 
-- every stream reads its own row groups of the training shards (s, s+S, s+2S, ... over the
-  list of all (shard, row group) pairs), so no two streams see the same document;
+- every stream (one per rank) reads its own row groups of the training shards (s, s+S,
+  s+2S, ... over the list of all (shard, row group) pairs), so ranks never see the same
+  document;
 - documents are tokenized in batches with BOS prepended and kept in a buffer;
 - each row of T+1 tokens is packed by best fit: the longest buffered document that still
   fits goes in next; when none fits, the shortest one is cropped to fill the row (its rest
@@ -14,11 +15,11 @@ Evaluation reads differently (``EvalRows``): the documents in shard order, BOS-p
 end to end, cut into rows that overlap by one token, so every token of the split is a target
 exactly once, in the same order on every run; a fixed number of rows caps it.
 
-The rows come from one stream per micro-batch of a step (processes x gradient accumulation),
-so the data of a step does not depend on the number of processes (``PackedLoader``).
+The rows come from one stream per process of the run as it started (``PackedLoader``).
 ``state_dict()`` captures where each stream is (epoch, the next row group, the buffered
 documents), so a resumed run gets exactly the batches an uninterrupted run would have got,
-on as many processes as before or (``load_shards``) on any other count that divides the batch.
+on as many processes as before or (``load_shards``) on a count that divides the stream
+count or is a multiple of it: the streams are dealt out again.
 
 Damaged data stops the loader with ``shards.ShardError`` (one line naming the shard and the
 fix), never a raw pyarrow/ZSTD trace: at construction every shard's size is compared with its
@@ -194,13 +195,13 @@ class ShardStream(BestFitPacker):
 class PackedLoader:
     """Yields (inputs, targets) of shape (batch, seq_len) for one rank, forever (epochs).
 
-    The data is cut into one stream per micro-batch of an optimizer step, ``world_size x
-    slots_per_rank`` streams (processes x gradient accumulation), stream s reading the row
-    groups s, s+S, s+2S, ... Rank r owns streams r, r+W, r+2W, ... and its k-th micro-batch
-    of a step comes from its k-th stream. So what a step trains on depends only on the total
-    and device batch, never on how many processes share it: 2 processes x accumulation 1
-    and 1 process x accumulation 2 train on the same rows, and a checkpoint's position can
-    be dealt out again to another number of processes (``load_shards``).
+    The data is cut into ``streams`` streams, one per process of the run when it started:
+    stream s reads the row groups s, s+S, s+2S, ... and gives each step ``accumulation``
+    micro-batches in a row. A run resumed on another number of processes W keeps its S
+    streams and deals them out again (``load_shards``), so every step trains on the rows it
+    would have: with W dividing S, rank r reads streams r, r+W, ... one after another; with
+    S dividing W, the W/S ranks that share a stream each read it whole and keep every
+    (W/S)-th micro-batch (its tokenization done W/S times: the price of growing).
     """
 
     def __init__(
@@ -213,7 +214,7 @@ class PackedLoader:
         world_size: int = 1,
         device: str | torch.device = "cpu",
         buffer_docs: int = DEFAULT_BUFFER_DOCS,
-        slots_per_rank: int = 1,
+        accumulation: int = 1,
     ):
         if not paths:
             raise ValueError("no shards to read")
@@ -223,19 +224,36 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.buffer_docs = buffer_docs
+        self.micro_batches = world_size * accumulation  # of every process, in one step
         shards.check_sizes(self.paths)
         self.groups = row_groups(self.paths)
-        self.slots = world_size * slots_per_rank
-        if len(self.groups) < self.slots:
-            raise ValueError(
-                f"{len(self.groups)} row group(s) cannot feed {self.slots} streams "
-                f"({world_size} process(es) x accumulation {slots_per_rank}): "
-                "download more shards"
-            )
-        self.my_slots = list(range(rank, self.slots, world_size))
-        self.streams = [ShardStream(self, self.groups[s :: self.slots]) for s in self.my_slots]
-        self.turn = 0  # which of this rank's streams gives the next micro-batch
         self._files: dict[int, object] = {}
+        self.deal(world_size)
+
+    def deal(self, streams: int) -> None:
+        """Cut the data into ``streams`` streams and give this rank its share (fresh
+        positions): its own streams, or its turn on a stream it shares."""
+        world = self.world_size
+        if streams % world and world % streams:
+            raise ValueError(
+                f"the data has {streams} streams (the process count the run started with): "
+                f"resume on a number of processes that divides it or is a multiple of it, "
+                f"not {world}"
+            )
+        if self.micro_batches % streams:
+            raise ValueError(
+                f"{self.micro_batches} micro-batches a step cannot come from {streams} streams"
+            )
+        if len(self.groups) < streams:
+            raise ValueError(
+                f"{len(self.groups)} row group(s) cannot feed {streams} ranks: download more shards"
+            )
+        self.n_streams = streams
+        self.per_stream = self.micro_batches // streams  # micro-batches a stream gives a step
+        self.share = max(1, world // streams)  # ranks reading each stream
+        self.my_streams = list(range(self.rank % streams, streams, world))
+        self.streams = [ShardStream(self, self.groups[s::streams]) for s in self.my_streams]
+        self.turn = 0  # micro-batches this rank has taken in the current step
 
     @property
     def epoch(self) -> int:
@@ -249,9 +267,16 @@ class PackedLoader:
         return shards.read_texts(self._files[shard], path, rg)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        stream = self.streams[self.turn]
-        self.turn = (self.turn + 1) % len(self.streams)
-        return stream.next_batch()
+        """This rank's next micro-batch: from its streams in turn, ``per_stream`` each a
+        step; on a shared stream, the rank's own one of each ``share`` in a row."""
+        mine = self.per_stream // self.share  # micro-batches a step from each of my streams
+        stream = self.streams[self.turn // mine]
+        self.turn = (self.turn + 1) % (mine * len(self.streams))
+        if self.share == 1:
+            return stream.next_batch()
+        keep = self.rank // self.n_streams
+        batches = [stream.next_batch() for _ in range(self.share)]
+        return batches[keep]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -260,55 +285,58 @@ class PackedLoader:
     # --- resume -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's streams, by their global slot (any rank count can load them back)."""
+        """This rank's streams by their index (any process count can load them back)."""
         return {
-            "slots": self.slots,
+            "streams": self.n_streams,
             "turn": self.turn,
-            "streams": {
-                s: st.state_dict() for s, st in zip(self.my_slots, self.streams, strict=True)
+            "positions": {
+                s: st.state_dict() for s, st in zip(self.my_streams, self.streams, strict=True)
             },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Load this rank's streams from a state holding at least them (one rank's saved
-        state on the same world size, or ``load_shards``'s union of every rank's)."""
-        state = _slot_state(state)
-        if state["slots"] != self.slots:
-            raise ValueError(
-                f"the data position has {state['slots']} streams, this run {self.slots} "
-                "(processes x accumulation = total batch / (device batch x sequence)): "
-                "resume with the same --device-batch and --total-batch"
-            )
-        missing = [s for s in self.my_slots if s not in state["streams"]]
+        """Load this rank's streams from a state holding at least them: one rank's saved
+        state on the same process count, or (``load_shards``) the union of every rank's."""
+        state = _stream_state(state)
+        if state["streams"] != self.n_streams:
+            self.deal(state["streams"])
+        missing = [s for s in self.my_streams if s not in state["positions"]]
         if missing:
             raise ValueError(f"the data position lacks the stream(s) {missing} of rank {self.rank}")
-        if state["turn"] and len(state["streams"]) != len(self.streams):
-            raise ValueError("a data position saved mid-step cannot be dealt to other ranks")
-        for s, stream in zip(self.my_slots, self.streams, strict=True):
-            stream.load_state_dict(state["streams"][s])
+        for s, stream in zip(self.my_streams, self.streams, strict=True):
+            stream.load_state_dict(state["positions"][s])
         self.turn = int(state["turn"])
 
     def load_shards(self, states: Sequence[dict]) -> None:
         """Load every rank's saved position of a run on another number of processes: the
-        streams are the same, only dealt to ranks differently."""
-        merged = {"slots": None, "turn": 0, "streams": {}}
-        for state in map(_slot_state, states):
-            if merged["slots"] not in (None, state["slots"]):
+        same streams, dealt to this run's ranks (a position saved mid-step cannot be)."""
+        merged: dict = {"streams": None, "turn": 0, "positions": {}}
+        for state in map(_stream_state, states):
+            if merged["streams"] not in (None, state["streams"]):
                 raise ValueError("the ranks' data positions disagree on the number of streams")
-            merged["slots"] = state["slots"]
-            merged["turn"] = merged["turn"] or state["turn"]
-            merged["streams"].update(state["streams"])
+            if state["turn"]:
+                raise ValueError("a data position saved mid-step cannot be dealt to other ranks")
+            merged["streams"] = state["streams"]
+            merged["positions"].update(state["positions"])
         self.load_state_dict(merged)
 
+    def describe_sharing(self) -> str:
+        """How this run reads the streams, for the resume's log line."""
+        if self.share == 1:
+            return f"{self.n_streams} data stream(s), {len(self.streams)} per process"
+        return (
+            f"{self.n_streams} data stream(s) for {self.world_size} processes: {self.share} "
+            "read each one and keep their share of it"
+        )
 
-def _slot_state(state: dict) -> dict:
-    """A saved loader state in the per-stream form; a checkpoint from before the streams
-    (one stream per rank: rank, world_size, epoch, cursor, buffer) is its rank's stream
-    when each process took one micro-batch a step, which the slot count then checks."""
-    if "slots" in state:
+
+def _stream_state(state: dict) -> dict:
+    """A saved loader state in the per-stream form; one from before it (rank, world_size,
+    epoch, cursor, buffer: a stream per rank, as now) is its rank's stream."""
+    if "positions" in state:
         return state
     stream = {k: state[k] for k in ("epoch", "cursor", "buffer")}
-    return {"slots": state["world_size"], "turn": 0, "streams": {state["rank"]: stream}}
+    return {"streams": state["world_size"], "turn": 0, "positions": {state["rank"]: stream}}
 
 
 class EvalRows:

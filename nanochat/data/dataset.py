@@ -67,10 +67,6 @@ EMBEDDED = "embedded"
 DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 EMBEDDED_SHARD_CHARS = 1_000_000
-# Small row groups: the pretraining loader gives each micro-batch of a step its own stream of
-# row groups (nanochat/data/dataloader.py), so the 648 training documents in groups of 16
-# feed up to 42 streams (DEVICE_BATCH=1 at the tiny preset's 32 rows a step needs 32).
-EMBEDDED_ROW_GROUP = 16
 
 
 def shard_indices(dataset: RemoteDataset, num_train: int) -> list[int]:
@@ -102,7 +98,7 @@ def _build_embedded(folder: Path) -> None:
     groups = _pack(train, EMBEDDED_SHARD_CHARS) + [val]
     with building(folder):
         for index, texts in enumerate(groups):
-            shards.write_shard(folder / shards.shard_name(index), texts, EMBEDDED_ROW_GROUP)
+            shards.write_shard(folder / shards.shard_name(index), texts)
     chars = sum(map(len, train)) + sum(map(len, val))
     log(
         f"embedded corpus: {len(train) + len(val)} documents, {chars / 1e6:.2f} M chars, "

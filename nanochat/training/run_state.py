@@ -203,9 +203,10 @@ def reshard(found, optimizer, position, rt) -> dict:
             f"cannot resume {found.directory} step {found.step}: {exc}; --resume=never starts over"
         ) from None
     if rt.master:
+        how = f" ({position.describe_sharing()})" if hasattr(position, "describe_sharing") else ""
         log(
             f"step {found.step} was written by {saved_world} process(es), this run has "
-            f"{rt.world_size}: optimizer state and data position re-sharded"
+            f"{rt.world_size}: optimizer state and data position re-sharded{how}"
         )
     return states[rt.rank if rt.rank < saved_world else 0]
 

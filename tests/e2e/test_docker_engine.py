@@ -14,8 +14,11 @@ installs); elsewhere the tests skip and say what was not run.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -81,6 +84,38 @@ def test_stages_run_in_containers_and_leave_the_callers_files(smoke):
     for path in (report, base / "tokenizer" / "tokenizer.json", *checkpoints):
         assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid()), path
     assert not left_over  # every container was removed
+
+
+def test_two_nodes_in_containers_on_the_hosts_network(image, smoke, tmp_path):
+    """`make pretrain PRESET=smoke BACKEND=docker NODES=2` twice on this machine: each node's
+    container shares the host's network (--network host), so node 1 reaches node 0's
+    rendezvous at 127.0.0.1; both write into one BASE_DIR, one checkpoint per save."""
+    _, _, args = image
+    base = tmp_path / "base"
+    for entry in ("base_data", "tokenizer"):
+        shutil.copytree(smoke[0] / entry, base / entry)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            f"make pretrain PRESET=smoke BACKEND=docker NODES=2 NODE_RANK={rank} "
+            f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}".split()
+            + [f"BASE_DIR={base}"],
+            cwd=REPO,
+            env=cli_env({docker_image.BUILD_ARGS_ENV: args, "OMP_NUM_THREADS": "1"}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (1, 0)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, (out + err)[-3000:]
+    meta = json.loads((base / "base_checkpoints" / "d4" / "meta_000006.json").read_text())
+    assert meta["world_size"] == 2
+    assert set(meta["files"]) == {"model_000006.pt", "rank_000006_r0.pt", "rank_000006_r1.pt"}
 
 
 def test_a_bad_flag_fails_inside_the_container_with_one_line(image, tmp_path):

@@ -2,11 +2,10 @@
 
 Two torchrun agents (``make pretrain PRESET=smoke NODES=2 NODE_RANK=0|1
 MASTER_ADDR=127.0.0.1``, torchrun's static rendezvous on node 0's TCP port, gloo) stand in
-for two machines sharing BASE_DIR. The smoke run's data of a step does not depend on the
-number of processes (one data stream per micro-batch), so 2 nodes x 1 process, 1 node x 2
-processes and 1 process x 2 micro-batches train on the same rows: their losses agree step
-for step, and a checkpoint of one resumes on the other with the losses of the
-uninterrupted run. What needs more than this machine (two hosts, NCCL, GPUs) is not run.
+for two machines sharing BASE_DIR. A run started on 2 processes keeps its 2 data streams
+when resumed on 1 (which reads both) or 2 again, so 2 nodes x 1 process, 1 node x 2
+processes and the resumed 1 process x 2 micro-batches train on the same rows: their losses
+agree step for step. What needs more than this machine (two hosts, NCCL, GPUs) is not run.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,16 +74,9 @@ def two_nodes(prepared, tmp_path_factory) -> tuple[Path, list[tuple[str, str]]]:
     port = free_port()
     nodes = {
         rank: subprocess.Popen(
-            [
-                "make",
-                "pretrain",
-                "PRESET=smoke",
-                "NODES=2",
-                f"NODE_RANK={rank}",
-                "MASTER_ADDR=127.0.0.1",
-                f"MASTER_PORT={port}",
-                f"BASE_DIR={base}",
-            ],
+            f"make pretrain PRESET=smoke NODES=2 NODE_RANK={rank} MASTER_ADDR=127.0.0.1 "
+            f"MASTER_PORT={port}".split()
+            + [f"BASE_DIR={base}"],
             cwd=REPO,
             env=cli_env(ONE_THREAD),
             stdout=subprocess.PIPE,
@@ -130,3 +123,76 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(prepared, two_nodes
             ) in result.stderr
     assert "step 4 was written by 1 process(es), this run has 2" in result.stderr
     assert losses(base) == pytest.approx(losses(two_nodes[0]), rel=1e-5)
+
+
+CONTAINER = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from backends import modal_app
+from backends.presets import PRESETS
+
+class Cluster:  # what modal.Cluster.from_context() answers in container {rank}
+    def container_rank(self):
+        return {rank}
+
+    def container_ips(self):
+        return ["127.0.0.1", "127.0.0.1"]
+
+knobs = {{**PRESETS["smoke"].knobs, "preset": "smoke", "master_port": {port},
+         "env": {{"OMP_NUM_THREADS": "1"}}}}  # what the launcher's payload holds
+print(json.dumps(modal_app.run_stage("pretrain", {{**knobs, "nodes": 2}}, Cluster())))
+"""
+
+
+def test_a_modal_cluster_saves_whole_checkpoints_where_nodes_do_not_see_each_other(
+    prepared, two_nodes, tmp_path
+):
+    """The clustered function's body (``run_stage``) in two processes standing in for two
+    containers, each with its own copy of the volumes, as on Modal before a node's commit
+    is reloaded elsewhere: the run finishes, node 0's view has the model and the meta, node
+    1's its own rank files, and together (what the commits make of the volume) every
+    checkpoint verifies. The losses are the 2-node run's."""
+    port = free_port()
+    views = [tmp_path / f"container{rank}" for rank in (0, 1)]
+    for view in views:
+        data = view / "vol" / "nanochat-data"
+        for entry in ("base_data", "tokenizer"):
+            shutil.copytree(prepared / entry, data / entry)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTAINER.format(repo=str(REPO), rank=rank, port=port)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(
+                {"NANOCHAT_VOLUME_ROOT": str(view / "vol"), "NANOCHAT_BASE_DIR": str(view / "base")}
+            ),
+        )  # fmt: skip
+        for rank, view in ((1, views[1]), (0, views[0]))
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    (out1, _), (out0, err0) = outputs
+    result = json.loads(out0.strip().splitlines()[-1])
+    assert result["exit_code"] == 0 and result["nodes"] == 2
+    assert "(node 0 of 2): torchrun --nnodes=2 --node_rank=0 --master_addr=127.0.0.1" in out0
+    folders = [view / "vol" / "nanochat-checkpoints" / "base_checkpoints" / "d4" for view in views]
+    assert sorted(p.name for p in folders[1].iterdir()) == [
+        "rank_000003_r1.pt",
+        "rank_000006_r1.pt",
+    ]
+    assert not (folders[0] / "rank_000006_r1.pt").exists()
+    with pytest.raises(checkpoint.CheckpointError, match="rank_000006_r1.pt is missing"):
+        checkpoint.verify(folders[0], 6)  # node 0 never needed node 1's files
+    for f in folders[1].iterdir():  # the volume once both nodes' commits are in
+        shutil.copy2(f, folders[0] / f.name)
+    assert checkpoint.steps(folders[0]) == [6, 3]
+    for step in (6, 3):
+        assert checkpoint.verify(folders[0], step)["world_size"] == 2
+    logs = views[0] / "vol" / "nanochat-checkpoints" / "logs" / "pretrain-d4.jsonl"
+    curve = [json.loads(line)["loss"] for line in logs.read_text().splitlines()]
+    assert curve == pytest.approx(losses(two_nodes[0]), rel=1e-5)
+    assert "re-sharded" not in err0

@@ -50,16 +50,8 @@ def test_the_torchrun_prefix_on_each_node():
 
 def test_a_dry_run_says_what_each_node_must_do(tmp_path):
     result = run_cli(
-        [
-            "make",
-            "pretrain",
-            "PRESET=smoke",
-            "NODES=2",
-            "NODE_RANK=1",
-            "MASTER_ADDR=10.0.0.1",
-            "DRY_RUN=1",
-            f"BASE_DIR={tmp_path}",
-        ]  # fmt: skip
+        "make pretrain PRESET=smoke NODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 DRY_RUN=1".split()
+        + [f"BASE_DIR={tmp_path}"]
     )
     assert result.returncode == 0, result.stderr
     assert "2 nodes x 1 process(es) = 2 ranks; this is node 1" in result.stderr
@@ -252,14 +244,8 @@ def test_skypilot_task_parses_with_skypilot(tmp_path):
         )
     out = tmp_path / "task.sky.yaml"
     result = run_cli(
-        [
-            "make",
-            "skypilot-task",
-            "NODES=2",
-            "PRESET=gpt2",
-            "IMAGE=ghcr.io/me/nanochat:1",
-            f"OUT={out}",
-        ]  # fmt: skip
+        "make skypilot-task NODES=2 PRESET=gpt2 IMAGE=ghcr.io/me/nanochat:1".split()
+        + [f"OUT={out}"]
     )
     assert result.returncode == 0, result.stderr
     assert "launch it with: sky launch -c nanochat" in result.stdout

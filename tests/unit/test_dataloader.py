@@ -66,68 +66,76 @@ def test_ranks_read_disjoint_row_groups(corpus):
     paths, tok = corpus
     everything = row_groups(paths)
     assert len(everything) == 12
-    loaders = [PackedLoader(paths, tok, 2, 16, rank=r, world_size=3, slots_per_rank=2)
-               for r in range(3)]  # fmt: skip
+    loaders = [PackedLoader(paths, tok, 2, 16, rank=r, world_size=3) for r in range(3)]
     mine = [[g for stream in loader.streams for g in stream.groups] for loader in loaders]
     assert sorted(sum(mine, [])) == sorted(everything)
     assert not set(mine[0]) & set(mine[1])
-    assert [loader.my_slots for loader in loaders] == [[0, 3], [1, 4], [2, 5]]
+    assert [loader.my_streams for loader in loaders] == [[0], [1], [2]]
 
 
-def test_too_many_streams_is_a_clear_error(corpus):
+def test_too_many_ranks_is_a_clear_error(corpus):
     paths, tok = corpus
-    with pytest.raises(ValueError, match="12 row group\\(s\\) cannot feed 16 streams"):
-        PackedLoader(paths, tok, 2, 16, rank=0, world_size=8, slots_per_rank=2)
+    with pytest.raises(ValueError, match="12 row group\\(s\\) cannot feed 16 ranks"):
+        PackedLoader(paths, tok, 2, 16, rank=0, world_size=16)
 
 
 def take(loader, micro_batches: int) -> list[torch.Tensor]:
     return [loader.next_batch()[0] for _ in range(micro_batches)]
 
 
-def test_a_step_trains_on_the_same_rows_on_any_number_of_processes(corpus):
-    """4 streams: 1 process x accumulation 4 == 2 x 2 == 4 x 1, micro-batch for micro-batch
-    (rank r's k-th micro-batch is stream r + k*W's)."""
+def run(corpus, world: int, streams: int, steps: int, state=None) -> tuple[list, list]:
+    """``steps`` steps of 4 micro-batches on ``world`` processes over ``streams`` streams
+    (from ``state``: every rank's saved positions): each rank's micro-batches, and states."""
+    loaders = []
+    for r in range(world):
+        loader = PackedLoader(*corpus, 2, 16, r, world, buffer_docs=8, accumulation=4 // world)
+        loader.deal(streams)
+        if state is not None:
+            loader.load_shards(state)
+        loaders.append(loader)
+    rows = [take(loader, steps * 4 // world) for loader in loaders]
+    return rows, [loader.state_dict() for loader in loaders]
+
+
+def step_rows(rows: list[list], world: int, streams: int, step: int) -> list[torch.Tensor]:
+    """The micro-batches of one step in the stream order of the run that started on
+    ``streams`` processes: stream s's outputs of the step, s = 0 .. streams-1."""
+    mine = 4 // world
+    by_rank = [r[step * mine : (step + 1) * mine] for r in rows]
+    if world <= streams:  # rank r reads streams r, r+W, ... one after another
+        per = 4 // streams
+        out = {}
+        for r, batches in enumerate(by_rank):
+            for i, batch in enumerate(batches):
+                out[(r + (i // per) * world, i % per)] = batch
+        return [out[key] for key in sorted(out)]
+    share = world // streams  # ranks r, r+S, ... share stream r % S, taking turns
+    out = {}
+    for r, batches in enumerate(by_rank):
+        for i, batch in enumerate(batches):
+            out[(r % streams, i * share + r // streams)] = batch
+    return [out[key] for key in sorted(out)]
+
+
+@pytest.mark.parametrize("start", [1, 2, 4])
+@pytest.mark.parametrize("then", [1, 2, 4])
+def test_a_position_is_dealt_to_any_process_count_that_fits(corpus, start, then):
+    """Started on ``start`` processes (that many streams), 2 steps; resumed on ``then``
+    processes for 2 more: the same rows, step for step, as the uninterrupted run."""
+    straight, _ = run(corpus, start, start, 4)
+    _, saved = run(corpus, start, start, 2)
+    resumed, _ = run(corpus, then, start, 2, state=saved)
+    for step in range(2):
+        want = step_rows(straight, start, start, step + 2)
+        got = step_rows(resumed, then, start, step)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_a_process_count_that_does_not_fit_the_streams_is_refused(corpus):
     paths, tok = corpus
-    one = take(PackedLoader(paths, tok, 2, 16, buffer_docs=8, slots_per_rank=4), 12)
-    for world in (2, 4):
-        ranks = [take(PackedLoader(paths, tok, 2, 16, r, world, buffer_docs=8,
-                                   slots_per_rank=4 // world), 12 // world)
-                 for r in range(world)]  # fmt: skip
-        for step in range(3):
-            for slot in range(4):
-                rank, k = slot % world, slot // world
-                got = ranks[rank][step * (4 // world) + k]
-                assert torch.equal(got, one[step * 4 + slot])
-
-
-def test_positions_are_dealt_again_to_another_number_of_processes(corpus):
-    """A position saved by 2 processes, loaded by 1 (and one saved by 1, loaded by 2), gives
-    exactly the rows the uninterrupted run would have trained on."""
-    paths, tok = corpus
-
-    def loaders(world):
-        return [PackedLoader(paths, tok, 2, 16, r, world, buffer_docs=8,
-                             slots_per_rank=2 // world) for r in range(world)]  # fmt: skip
-
-    straight = take(loaders(1)[0], 12)  # 6 steps of 2 micro-batches
-    two = loaders(2)
-    for loader in two:
-        take(loader, 2)  # 2 steps
-    one = loaders(1)[0]
-    one.load_shards([loader.state_dict() for loader in two])
-    assert all(torch.equal(a, b) for a, b in zip(take(one, 6), straight[4:10], strict=True))
-    again = loaders(2)
-    for loader in again:
-        loader.load_shards([one.state_dict()])
-    rows = [take(loader, 1)[0] for loader in again]  # step 6: stream 0 on rank 0, 1 on 1
-    assert torch.equal(rows[0], straight[10]) and torch.equal(rows[1], straight[11])
-
-
-def test_a_position_with_another_stream_count_is_refused(corpus):
-    paths, tok = corpus
-    state = PackedLoader(paths, tok, 2, 16, rank=0, world_size=1, slots_per_rank=2).state_dict()
-    with pytest.raises(ValueError, match="the data position has 2 streams, this run 1"):
-        PackedLoader(paths, tok, 2, 16).load_state_dict(state)
+    saved = PackedLoader(paths, tok, 2, 16, rank=0, world_size=2, accumulation=3).state_dict()
+    with pytest.raises(ValueError, match="the data has 2 streams .* not 3"):
+        PackedLoader(paths, tok, 2, 16, rank=0, world_size=3, accumulation=2).load_shards([saved])
 
 
 def test_a_position_from_before_the_streams_loads_as_its_ranks_stream(corpus):
