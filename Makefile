@@ -48,7 +48,7 @@ spec_var = $(word 1,$(subst =, ,$(1)))
 spec_flag = $(word 2,$(subst =, ,$(1)))
 spec_kind = $(word 3,$(subst =, ,$(1)))
 KNOB_VARS := $(foreach spec,$(KNOB_SPECS),$(call spec_var,$(spec)))
-unexport $(KNOB_VARS) REMOTE_PATH DEST STAGE OUT IMAGE
+unexport $(KNOB_VARS) REMOTE_PATH DEST STAGE OUT IMAGE BUCKET
 # The words of backends/knobs.py (SWITCH_ON/SWITCH_OFF), in the cases make cannot fold.
 SWITCH_ON := 1 true yes on True Yes On TRUE YES ON
 SWITCH_OFF := 0 false no off False No Off FALSE NO OFF
@@ -110,11 +110,11 @@ $(VENV)/.installed-%: pyproject.toml
 $(STAGES) speedrun: $(STAMP)
 	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke $@ $(FLAGS))
 
-# A launch file for a cluster we do not drive: STAGE (default pretrain), OUT and IMAGE are
-# read from the command line only.
+# A launch file for a cluster we do not drive: STAGE (default pretrain), OUT, IMAGE and
+# BUCKET are read from the command line only.
 cmdline = $(if $(filter command line,$(origin $(1))),--$(2)=$(call quote,$(value $(1))))
 skypilot-task slurm-script: $(STAMP)
-	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke $@ $(FLAGS) $(call cmdline,STAGE,stage) $(call cmdline,OUT,out) $(call cmdline,IMAGE,image))
+	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke $@ $(FLAGS) $(call cmdline,STAGE,stage) $(call cmdline,OUT,out) $(call cmdline,IMAGE,image) $(call cmdline,BUCKET,bucket))
 
 docker-build: $(call stamp_for,docker)
 	$(EXEC)@$(call pass_code,$(VENV)/bin/invoke docker-build)

@@ -59,26 +59,33 @@ def _knob_task(name: str, summary: str, action: Callable[..., int]) -> Task:
 
 
 def _cluster_file_task(kind: str, summary: str) -> Task:
-    """``skypilot-task`` / ``slurm-script``: the knob flags plus --stage, --out, --image."""
+    """``skypilot-task`` / ``slurm-script``: the knob flags plus --stage, --out, --image,
+    --bucket."""
     from backends import cluster_files
 
     task = _knob_task(
         f"{kind}-{'task' if kind == 'skypilot' else 'script'}",
         summary,
-        lambda stage="pretrain", out=None, image=None, **knobs: cluster_files.write(
-            kind, stage, out, image, **knobs
+        lambda stage="pretrain", out=None, image=None, bucket=None, **knobs: cluster_files.write(
+            kind, stage, out, image, bucket, **knobs
         ),
     )
     params = list(task.body.__signature__.parameters.values())
     params += [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for name, default in (("stage", "pretrain"), ("out", None), ("image", None))
+        for name, default in (
+            ("stage", "pretrain"),
+            ("out", None),
+            ("image", None),
+            ("bucket", None),
+        )  # fmt: skip
     ]
     task.body.__signature__ = inspect.Signature(params)
     task.help.update(
         stage="the multi-GPU stage to run (default pretrain)",
         out="the file to write (default nanochat-<stage>-<N>nodes.<suffix>)",
         image="SkyPilot: the image every node runs (default the local docker-build tag)",
+        bucket="SkyPilot: the bucket mounted as BASE_DIR (default: asked for at launch)",
     )
     return task
 

@@ -21,7 +21,7 @@ OTHER_TARGETS = (
     ("docker-shell", "interactive shell in the image: GPUs, BASE_DIR at /data/nanochat"),
     ("volume-ls", "list the Modal volumes; PATH=base_checkpoints narrows it"),
     ("volume-get", "download from the Modal volumes: PATH=report DEST=./out"),
-    ("skypilot-task", "write a SkyPilot task for NODES=2+ (STAGE=pretrain, IMAGE=, OUT=)"),
+    ("skypilot-task", "write a SkyPilot task for NODES=2+ (STAGE=pretrain IMAGE= BUCKET= OUT=)"),
     ("slurm-script", "write an sbatch script for NODES=2+ (STAGE=pretrain, OUT=)"),
     ("browser", "install Debian's chromium for the web page test (make test does this)"),
     ("setup", "create .venv and install the project (every target does this when needed)"),

@@ -7,8 +7,9 @@ job, the node's rank and node 0's address filled in by the cluster:
 
 - SkyPilot (``sky launch -c nanochat nanochat-pretrain-2nodes.sky.yaml``): ``num_nodes``,
   the image (docker/Dockerfile's, pushed where the cloud can pull it: IMAGE=...), a bucket
-  mounted as BASE_DIR on every node, and ``SKYPILOT_NODE_RANK`` / the first line of
-  ``SKYPILOT_NODE_IPS`` as ``--node_rank`` / ``--master_addr``;
+  mounted as BASE_DIR on every node (BUCKET=..., or given at launch), and
+  ``SKYPILOT_NODE_RANK`` / the first line of ``SKYPILOT_NODE_IPS`` as ``--node_rank`` /
+  ``--master_addr``;
 - Slurm (``sbatch nanochat-pretrain-2nodes.sbatch``): one task per node, ``srun`` around the
   same command, ``SLURM_NODEID`` as the rank and the first host of the allocation as node 0;
   BASE_DIR must be a folder every node sees (NFS, Lustre).
@@ -59,10 +60,30 @@ def cluster_command(stage_name: str, knobs: dict, base: Path) -> tuple[command.S
     if gpu is None:
         raise UsageError("a cluster file needs GPU nodes: GPU=H100:8 or the like, not cpu")
     nproc = int(given.get("gpus") or gpu_count(gpu))
+    if nproc > gpu_count(gpu):
+        raise UsageError(f"GPUS={nproc} but a node has {gpu_count(gpu)} GPU(s) (GPU={gpu})")
     port = int(given.get("master_port") or command.DEFAULT_MASTER_PORT)
     the_nodes = command.Nodes(nodes, RANK, ADDR, port)
     cmd = command.build(probe.stage, probe.preset, probe.knobs, nproc, base, 1, the_nodes)
+    check_divides(cmd, nproc * nodes)
     return cmd, gpu
+
+
+def check_divides(cmd: command.StageCommand, processes: int) -> None:
+    """The stage's own dry-run check at the job's process count (pretraining: the batch must
+    divide over every process), as a UsageError: a job that would stop with it after the
+    nodes are allocated is never written."""
+    stage = cmd.stage
+    if not stage.explain:
+        return
+    import importlib
+
+    module, _, function = stage.explain.partition(":")
+    explain = getattr(importlib.import_module(module), function)
+    args = cmd.argv[cmd.argv.index("--") + 1 :]
+    for line in explain(args, processes, CONTAINER_BASE_DIR):
+        if line.startswith("warning: "):
+            raise UsageError(line.removeprefix("warning: "))
 
 
 def _shell(cmd: command.StageCommand, rank: str, addr: str) -> str:
@@ -83,8 +104,11 @@ def _block_dumper():
     return BlockDumper
 
 
-def skypilot_task(stage_name: str, knobs: dict, image: str | None = None) -> str:
-    """A SkyPilot task (YAML) running the stage on NODES nodes of GPU."""
+def skypilot_task(
+    stage_name: str, knobs: dict, image: str | None = None, bucket: str | None = None
+) -> str:
+    """A SkyPilot task (YAML) running the stage on NODES nodes of GPU, BASE_DIR in
+    ``bucket`` (None: SkyPilot asks for it at launch, ``--env NANOCHAT_BUCKET=...``)."""
     import yaml
 
     _BlockDumper = _block_dumper()
@@ -104,7 +128,7 @@ def skypilot_task(stage_name: str, knobs: dict, image: str | None = None) -> str
         "name": f"nanochat-{stage_name}",
         "num_nodes": cmd.nodes.count,
         "resources": {"accelerators": gpu, "image_id": f"docker:{image}"},
-        "envs": {"NANOCHAT_BUCKET": "nanochat-base-dir"},
+        "envs": {"NANOCHAT_BUCKET": bucket},
         # BASE_DIR on every node: one bucket, so node 0's checkpoint meta and every node's
         # optimizer shards land in the same place (the run resumes from it after a preemption)
         "file_mounts": {
@@ -116,7 +140,8 @@ def skypilot_task(stage_name: str, knobs: dict, image: str | None = None) -> str
         f"# SkyPilot task: nanochat {stage_name} on {cmd.nodes.count} nodes of {gpu}.\n"
         f"# Written by `make skypilot-task`; launch: sky launch -c nanochat <this file>\n"
         f"# IMAGE ({image}) must be pushed where the cloud can pull it (IMAGE=...);\n"
-        "# NANOCHAT_BUCKET: the bucket mounted as BASE_DIR (sky launch --env NANOCHAT_BUCKET=...)\n"
+        "# NANOCHAT_BUCKET: your bucket, mounted as BASE_DIR on every node (BUCKET=... here,\n"
+        "# or sky launch --env NANOCHAT_BUCKET=...; SkyPilot refuses to launch without one)\n"
         "# Each node runs the same torchrun command with its SKYPILOT_NODE_RANK; node 0 is the\n"
         "# first of SKYPILOT_NODE_IPS. docs/multinode.md\n"
     )
@@ -143,7 +168,8 @@ def slurm_script(stage_name: str, knobs: dict, base: Path) -> str:
         f"#SBATCH --time={hours:02d}:00:00",
         f"#SBATCH --output=nanochat-{stage_name}-%j.log",
         "# a preempted job is requeued and resumes from its last checkpoint; SIGTERM 2 min",
-        "# before the time limit makes the run save one and stop cleanly",
+        "# before the time limit makes the run save at the end of its step and stop, if step",
+        "# and save fit in the 30 s torchrun gives its workers after a signal",
         "#SBATCH --requeue",
         "#SBATCH --signal=TERM@120",
         "set -euo pipefail",
@@ -160,7 +186,7 @@ def slurm_script(stage_name: str, knobs: dict, base: Path) -> str:
 
 
 def write(kind: str, stage_name: str = "pretrain", out: str | None = None,
-          image: str | None = None, **knobs: object) -> int:  # fmt: skip
+          image: str | None = None, bucket: str | None = None, **knobs: object) -> int:  # fmt: skip
     """``make skypilot-task`` / ``make slurm-script``: write the file (or with DRY_RUN=1
     print it) and say how to launch it."""
     if kind not in KINDS:
@@ -169,7 +195,7 @@ def write(kind: str, stage_name: str = "pretrain", out: str | None = None,
     knobs = {k: v for k, v in knobs.items() if v is not None and v is not False}
     knobs.pop("dry_run", None)
     if kind == "skypilot":
-        text = skypilot_task(stage_name, knobs, image)
+        text = skypilot_task(stage_name, knobs, image, bucket)
     else:
         text = slurm_script(stage_name, knobs, resolve_base_dir(knobs.get("base_dir")))
     if dry_run:

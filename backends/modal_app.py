@@ -206,8 +206,13 @@ def run_stage(stage_name: str, knobs: dict, cluster=None) -> dict:
     call_id = modal.current_function_call_id()
     if call_id:
         cmd.env.setdefault(run_lock.RUN_ID_ENV, call_id)
-    requests = Path(tempfile.mkdtemp(prefix="nanochat-commits-"))  # outside the volumes
-    cmd.env[COMMIT_DIR_ENV] = str(requests)
+    # On several nodes a save waits until every node has committed its files (the save's
+    # protocol: nanochat/training/checkpoint.py); one node's are all here, and the committer
+    # commits them once the meta appears, off the training's path.
+    requests = None
+    if nodes.count > 1:
+        requests = Path(tempfile.mkdtemp(prefix="nanochat-commits-"))  # outside the volumes
+        cmd.env[COMMIT_DIR_ENV] = str(requests)
     gpus_here = local.visible_gpus()
     where = f" (node {nodes.rank} of {nodes.count})" if nodes.count > 1 else ""
     print(f"[nanochat] modal: {stage.name} on {gpus_here or 'no'} GPU(s){where}: {cmd.shell()}")
@@ -219,7 +224,8 @@ def run_stage(stage_name: str, knobs: dict, cluster=None) -> dict:
     finally:
         committer.stop()
         commit_volumes()
-        shutil.rmtree(requests, ignore_errors=True)
+        if requests is not None:
+            shutil.rmtree(requests, ignore_errors=True)
     seconds = time.monotonic() - start
     stray = unpersisted(base)
     if stray:

@@ -124,7 +124,11 @@ class CheckpointCommitter(threading.Thread):
     def check(self) -> None:
         now = _checkpoint_files(self.base)
         if now - self.seen:
-            self.commit((CHECKPOINT_VOLUME,))
+            try:
+                self.commit((CHECKPOINT_VOLUME,))
+            except Exception as exc:  # the thread must live on: the next poll tries again
+                print(f"[nanochat] modal: warning: the volume commit failed ({exc}); retrying")
+                return
             self.commits += 1
             print(f"[nanochat] modal: committed {len(now - self.seen)} new checkpoint(s)")
         self.seen = now

@@ -167,10 +167,13 @@ class Pretraining(Trainer):
             self.lr_scale = schedules.lr_scale_for_passes(args.lr_scale, passes)
         run_state.scale_lrs(self.optimizer, self.lr_scale)
         # a data stream per process; a checkpoint of another process count deals them out again
-        self.loader = PackedLoader(
-            train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank, rt.world_size,
-            rt.device, accumulation=self.dial.accumulation,
-        )  # fmt: skip
+        try:
+            self.loader = PackedLoader(
+                train_paths, tokenizer, args.device_batch, args.seq_len, rt.rank,
+                rt.world_size, rt.device, accumulation=self.dial.accumulation,
+            )  # fmt: skip
+        except ValueError as exc:  # too few row groups for the processes: bad input
+            raise UsageError(str(exc)) from None
         self.tag = args.tag or f"d{args.depth}"
         self.ckpt_dir = checkpoint.checkpoint_dir(base, "base", self.tag)
         self.run_config = {

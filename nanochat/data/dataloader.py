@@ -99,6 +99,11 @@ class _Buffer:
         return self.docs.pop(0)
 
 
+def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of rows of seq_len + 1 tokens."""
+    return rows[:, :-1], rows[:, 1:]
+
+
 def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Rows onto the device: through pinned memory, asynchronously, on CUDA."""
     if device.type == "cuda":
@@ -134,10 +139,12 @@ class BestFitPacker:
             row += doc
         return row
 
+    def next_rows(self) -> torch.Tensor:
+        """The next batch's rows, on the CPU."""
+        return torch.tensor([self.next_row() for _ in range(self.batch_size)], dtype=torch.long)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.tensor([self.next_row() for _ in range(self.batch_size)], dtype=torch.long)
-        rows = to_device(rows, self.device)
-        return rows[:, :-1], rows[:, 1:]
+        return split_rows(to_device(self.next_rows(), self.device))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -274,9 +281,9 @@ class PackedLoader:
         self.turn = (self.turn + 1) % (mine * len(self.streams))
         if self.share == 1:
             return stream.next_batch()
-        keep = self.rank // self.n_streams
-        batches = [stream.next_batch() for _ in range(self.share)]
-        return batches[keep]
+        keep = self.rank // self.n_streams  # only that one goes to the device
+        rows = [stream.next_rows() for _ in range(self.share)][keep]
+        return split_rows(to_device(rows, self.device))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -10,9 +10,10 @@ Every file is written to a temp name and renamed; ``meta_<step>.json`` is writte
 all ranks finished theirs, so its presence means the checkpoint is whole. Across nodes that
 may not see each other's files until they are committed (Modal volumes), the save is:
 each rank writes its files and records their size and sha256 itself; the records are
-gathered to rank 0 over the process group (no rank reads another's files); each node commits
-its files (``commit_files``: a request to the Modal container's committer, nothing
-elsewhere); a barrier; rank 0 writes the meta from the records and commits it. A node lost
+gathered to rank 0 over the process group (no rank reads another's files), once each node has
+committed its files (``commit_files``: a request to the Modal container's committer, nothing
+elsewhere); rank 0 writes the meta from the records and commits it. A failure on any rank is
+agreed on by all of them (no rank waits in a collective for one that gave up). A node lost
 at any moment leaves no meta, or one whose files are all committed: complete or absent.
 ``latest`` walks the metas from the newest and returns the first whose files all exist with
 the recorded size and hash: a checkpoint cut short by a kill (or damaged later) is reported
@@ -147,23 +148,33 @@ def save(
     if agree(refused is not None):
         raise refused or DiskFullError(model_file(directory, step), needed, "on another rank")
     mine = [rank_file(directory, step, rank)]
-    if rank == 0:
-        _save_torch(model_state, model_file(directory, step))
-        mine.insert(0, model_file(directory, step))
-    _save_torch(rank_state, rank_file(directory, step, rank))
-    records = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in mine}
-    every = collect(records)
-    commit_files(f"step {step} rank {rank}")
-    barrier()  # every node's files are committed
+    records, failed = {}, None
+    try:  # a rank that fails here must not leave the others waiting in a collective
+        if rank == 0:
+            _save_torch(model_state, model_file(directory, step))
+            mine.insert(0, model_file(directory, step))
+        _save_torch(rank_state, rank_file(directory, step, rank))
+        records = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in mine}
+        commit_files(f"step {step} rank {rank}")
+    except (OSError, CheckpointError) as exc:
+        failed = exc
+    if agree(failed is not None):  # no meta: the step stays absent on every node
+        raise failed or CheckpointError(f"the save of step {step} failed on another rank")
+    every = collect(records)  # every node's files are written and committed
     keep_from = None
     if rank == 0:
         files = {name: record for ranks in every for name, record in ranks.items()}
         record = {**meta, "step": step, "world_size": world_size, "saved_at": time.time(),
                   "files": files}  # fmt: skip
-        atomic_write_text(meta_file(directory, step), json.dumps(record, indent=2) + "\n")
-        _completed.setdefault(directory.resolve(), set()).add(step)
-        keep_from = _prune(directory, keep_last)
-        commit_files(f"step {step} meta")
+        try:
+            atomic_write_text(meta_file(directory, step), json.dumps(record, indent=2) + "\n")
+            _completed.setdefault(directory.resolve(), set()).add(step)
+            keep_from = _prune(directory, keep_last)
+            commit_files(f"step {step} meta")
+        except (OSError, CheckpointError) as exc:
+            failed = exc
+    if agree(failed is not None):
+        raise failed or CheckpointError(f"rank 0 could not write the meta of step {step}")
     # Each rank deletes its own old files too: rank 0 may not see another node's.
     keep_from = collect(keep_from)[0]
     if keep_from is not None:
@@ -177,7 +188,9 @@ def save(
 
 # --- committing files to shared storage (Modal volumes) ---------------------------------------
 
-COMMIT_TIMEOUT_S = 900.0
+# Below the process group's own timeout (NCCL's default is 10 min), so a commit that hangs
+# ends in this one line rather than in another rank's collective timing out.
+COMMIT_TIMEOUT_S = 300.0
 
 
 def commit_files(what: str, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
@@ -273,11 +286,14 @@ def start_point(
     master: bool = True,
     barrier: Callable[[], None] = lambda: None,
     agree: Callable[[bool], bool] = lambda flag: flag,
+    collect: Callable[[object], list] = lambda obj: [obj],
 ) -> Found | None:
     """The checkpoint a training run continues from under its --resume ``policy`` (every
     rank calls this; rank 0 takes the tag's run lock and moves folders, the others wait at
     ``barrier``; a lock held by another run stops every rank with UsageError, as decided
-    by ``agree``, see ``save``):
+    by ``agree``, see ``save``). Rank 0 alone decides which step, and ``collect`` tells the
+    others: their view of the folder may lag (another node, NFS caching), and every rank
+    must resume the same step; a rank that cannot see it stops them all in one line.
 
     - ``auto``: the latest usable checkpoint of the tag, if any;
     - ``never``: none; the tag's checkpoints are set aside first, so the fresh run's own
@@ -316,11 +332,21 @@ def start_point(
             if moved:
                 log(f"--resume={policy}: moved the earlier checkpoints of {directory} to {moved}")
     barrier()
-    if policy == "never":
+    chosen = collect(found.step if found is not None else None)[0]
+    if chosen is None:  # the same answer on every rank
         return None
-    if master:
-        return found
-    return latest(directory, check_hash=False)  # rank 0 has just checked the hashes
+    problem = None
+    if not master:
+        try:
+            found = Found(directory, chosen, verify(directory, chosen, check_hash=False))
+        except CheckpointError as exc:  # rank 0 has just checked the hashes; sizes here
+            problem = exc
+    if agree(problem is not None):  # every rank takes part, rank 0 too
+        raise UsageError(
+            f"rank 0 resumes step {chosen} of {directory}, which another node cannot use "
+            f"({problem or 'see its log'}): every node must see the same BASE_DIR"
+        )
+    return found
 
 
 def set_aside_steps(directory: Path, step_list: list[int], why: str) -> Path | None:

@@ -398,22 +398,26 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"optimizer state saved by {world} cannot load into {here}")
         self._restore(state_dict)
 
-    def load_shards(self, shards: list[dict]) -> None:
-        """Load the shards every rank of a run on another number of processes saved: their
-        states (keyed by the parameter's index, the same on every rank) are merged, and
-        this rank keeps those of the parameters it owns now."""
-        merged: dict = {}
+    def load_shards(self, shards: Iterable[dict]) -> None:
+        """Load the shards every rank of a run on another number of processes saved (one
+        at a time: only this rank's part is kept): their states are keyed by the
+        parameter's index, the same on every rank, and this rank keeps those of the
+        parameters it owns now."""
+        mine: dict = {}
+        groups = by_index = None
         for shard in shards:
-            merged.update(shard["state"])
-        groups = shards[0]["param_groups"]
-        params = [p for group in self.param_groups for p in group["params"]]
-        index = [i for group in groups for i in group["params"]]
-        if len(index) != len(params):
-            raise ValueError(
-                f"optimizer state for {len(index)} parameters, this model has {len(params)}"
-            )
-        by_index = dict(zip(index, params, strict=True))
-        mine = {i: state for i, state in merged.items() if self.owns(by_index[i])}
+            if groups is None:
+                groups = shard["param_groups"]
+                params = [p for group in self.param_groups for p in group["params"]]
+                index = [i for group in groups for i in group["params"]]
+                if len(index) != len(params):
+                    raise ValueError(
+                        f"optimizer state for {len(index)} parameters, this model has {len(params)}"
+                    )
+                by_index = dict(zip(index, params, strict=True))
+            mine.update({i: st for i, st in shard["state"].items() if self.owns(by_index[i])})
+        if groups is None:
+            raise ValueError("no optimizer shards to load")
         self._restore({"state": mine, "param_groups": groups})
 
     def _restore(self, state_dict: dict) -> None:

@@ -183,8 +183,9 @@ def reshard(found, optimizer, position, rt) -> dict:
     """Resume a checkpoint written by another number of processes: every rank reads every
     rank's file (on the CPU), keeps the optimizer state of the parameters it owns now and
     the data streams it reads now; the RNG states are rank r's (rank 0's for a rank the
-    checkpoint lacks). Returns that rank state. A stage whose data position cannot be dealt
-    again (no ``load_shards``) is a UsageError."""
+    checkpoint lacks), returned as ``{"rng": ...}``. The files are read one at a time, so a
+    process holds one rank's state and its own share, never the whole optimizer. A stage
+    whose data position cannot be dealt again (no ``load_shards``) is a UsageError."""
     from nanochat.training import checkpoint
 
     saved_world = found.meta["world_size"]
@@ -194,10 +195,21 @@ def reshard(found, optimizer, position, rt) -> dict:
             f"this stage resumes only on as many (this run has {rt.world_size}): use GPUS/NODES "
             "to match, or --resume=never to start over"
         )
-    states = [checkpoint.load_rank_state(found, r, "cpu") for r in range(saved_world)]
+    positions, kept = [], {}
+    mine = rt.rank if rt.rank < saved_world else 0  # whose RNG states this rank takes
+
+    def optimizer_shards():
+        """Each rank's file in turn (on the CPU), its optimizer part handed on and dropped."""
+        for r in range(saved_world):
+            state = checkpoint.load_rank_state(found, r, "cpu")
+            positions.append(state["loader"])
+            if r == mine:
+                kept["rng"] = state["rng"]
+            yield state.pop("optimizer")
+
     try:
-        optimizer.load_shards([state["optimizer"] for state in states])
-        position.load_shards([state["loader"] for state in states])
+        optimizer.load_shards(optimizer_shards())
+        position.load_shards(positions)
     except ValueError as exc:
         raise UsageError(
             f"cannot resume {found.directory} step {found.step}: {exc}; --resume=never starts over"
@@ -208,7 +220,7 @@ def reshard(found, optimizer, position, rt) -> dict:
             f"step {found.step} was written by {saved_world} process(es), this run has "
             f"{rt.world_size}: optimizer state and data position re-sharded{how}"
         )
-    return states[rt.rank if rt.rank < saved_world else 0]
+    return kept
 
 
 def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt, legacy=None):
@@ -216,7 +228,7 @@ def start_or_resume(ckpt_dir, policy, run_config, model, optimizer, position, rt
     resume its checkpoint if there is one: (start step, the checkpoint found or None)."""
     from nanochat.training import checkpoint
 
-    found = checkpoint.start_point(ckpt_dir, policy, rt.master, rt.barrier, rt.agree)
+    found = checkpoint.start_point(ckpt_dir, policy, rt.master, rt.barrier, rt.agree, rt.collect)
     if not found:
         return 0, None
     return resume(found, run_config, model, optimizer, position, rt, legacy), found

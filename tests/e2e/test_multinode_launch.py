@@ -233,6 +233,27 @@ def test_a_save_cut_short_by_a_lost_node_leaves_no_checkpoint(tmp_path):
     assert checkpoint.latest(folder).step == 3
 
 
+def test_every_rank_resumes_the_step_rank_0_chose(tmp_path):
+    """Another node's view of the folder can differ from rank 0's (not yet reloaded, NFS
+    caching): ranks take rank 0's step, and one that cannot see it stops the run in one line."""
+    import torch
+
+    def save(folder, step):
+        checkpoint.save(folder, step, {"w": torch.zeros(2)}, {"x": torch.ones(1)}, {},
+                        keep_last=5)  # fmt: skip
+
+    lagging, missing = tmp_path / "lagging" / "d4", tmp_path / "missing" / "d4"
+    for step in (3, 6):  # this node still sees step 6, which rank 0 set aside as damaged
+        save(lagging, step)
+    save(missing, 6)
+    chosen = lambda _mine: [3]  # noqa: E731  (rank 0's answer)
+    found = checkpoint.start_point(lagging, "auto", master=False, collect=chosen)
+    assert found.step == 3
+    with pytest.raises(UsageError, match="rank 0 resumes step 3 of .*, which another node"):
+        checkpoint.start_point(missing, "auto", master=False, collect=chosen)
+    assert checkpoint.start_point(lagging, "never", master=False, collect=lambda _: [None]) is None
+
+
 # --- SkyPilot and Slurm ------------------------------------------------------------------------
 
 
@@ -242,13 +263,14 @@ def test_skypilot_task_parses_with_skypilot(tmp_path):
             "SkyPilot's parser is not installed here: `make test` installs it into "
             ".venv-skypilot; the task was not parsed by SkyPilot"
         )
-    out = tmp_path / "task.sky.yaml"
-    result = run_cli(
-        "make skypilot-task NODES=2 PRESET=gpt2 IMAGE=ghcr.io/me/nanochat:1".split()
-        + [f"OUT={out}"]
-    )
-    assert result.returncode == 0, result.stderr
-    assert "launch it with: sky launch -c nanochat" in result.stdout
+    out, unset = tmp_path / "task.sky.yaml", tmp_path / "no-bucket.sky.yaml"
+    for path, bucket in ((out, ["BUCKET=my-bucket"]), (unset, [])):
+        result = run_cli(
+            "make skypilot-task NODES=2 PRESET=gpt2 IMAGE=ghcr.io/me/nanochat:1".split()
+            + bucket + [f"OUT={path}"]
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "launch it with: sky launch -c nanochat" in result.stdout
     probe = (
         "import json, sys, sky\n"
         "t = sky.Task.from_yaml(sys.argv[1])\n"
@@ -257,20 +279,28 @@ def test_skypilot_task_parses_with_skypilot(tmp_path):
         " 'mounts': sorted(t.storage_mounts), 'bucket': t.storage_mounts['/data/nanochat'].name,"
         " 'run': t.run}))\n"
     )
-    parsed = subprocess.run(
-        [str(SKYPILOT_PYTHON), "-c", probe, str(out)], capture_output=True, text=True,
-        timeout=120, env={**os.environ, "HOME": str(tmp_path)},
-    )  # fmt: skip
+
+    def parse(path):
+        return subprocess.run(
+            [str(SKYPILOT_PYTHON), "-c", probe, str(path)], capture_output=True, text=True,
+            timeout=120, env={**os.environ, "HOME": str(tmp_path)},
+        )  # fmt: skip
+
+    parsed = parse(out)
     assert parsed.returncode == 0, parsed.stderr[-3000:]
     task = json.loads(parsed.stdout.strip().splitlines()[-1])
     assert task["nodes"] == 2 and task["acc"] == {"H100": 8}
     assert "docker:ghcr.io/me/nanochat:1" in task["image"]
-    assert task["mounts"] == ["/data/nanochat"] and task["bucket"] == "nanochat-base-dir"
+    assert task["mounts"] == ["/data/nanochat"] and task["bucket"] == "my-bucket"
     planned = plan("pretrain", preset="gpt2", dry_run=True, nodes="2", node_rank="0",
                    master_addr="h", gpus="8").command  # fmt: skip
     script_args = shlex.join(planned.argv[planned.argv.index("--") :])
     assert '--node_rank="$SKYPILOT_NODE_RANK" --master_addr="$MASTER_ADDR"' in task["run"]
     assert task["run"].rstrip().endswith(script_args)  # the same script arguments
+    # Without BUCKET, SkyPilot itself refuses the task until --env NANOCHAT_BUCKET=... is given
+    refused = parse(unset)
+    assert refused.returncode != 0
+    assert "Environment variable 'NANOCHAT_BUCKET' is None" in refused.stderr
 
 
 def test_slurm_script_runs_the_same_command_on_each_node(tmp_path):
@@ -316,6 +346,8 @@ def test_slurm_script_runs_the_same_command_on_each_node(tmp_path):
         ("skypilot", {"nodes": "2", "gpu": "cpu"}, "a cluster file needs GPU nodes"),
         ("skypilot", {"nodes": "2", "backend": "modal"}, "leave BACKEND out"),
         ("slurm", {"nodes": "2", "stage_name": "tokenizer"}, "runs as one process"),
+        ("slurm", {"nodes": "2", "preset": "smoke"}, "total batch 4096 tokens is not a multiple"),
+        ("skypilot", {"nodes": "2", "gpus": "16"}, "GPUS=16 but a node has 8 GPU"),
     ],
 )
 def test_cluster_files_refuse_what_cannot_run(kind, knobs, message, tmp_path):
