@@ -185,12 +185,37 @@ def slurm_script(stage_name: str, knobs: dict, base: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+WRITTEN_BY = {"skypilot": "make skypilot-task", "slurm": "make slurm-script"}
+
+
+def check_out(path: Path, kind: str) -> None:
+    """Where the file goes: in an existing folder, and never over a file this command did
+    not write (rewriting its own file, e.g. with other knobs, is what a rerun is for)."""
+    if path.is_dir():
+        raise UsageError(f"OUT={path} is a folder: name the file to write")
+    if not path.parent.is_dir():
+        raise UsageError(f"OUT={path}: the folder {path.parent} does not exist")
+    if path.exists():
+        try:
+            head = path.read_text(errors="replace")[:400]
+        except OSError as exc:
+            raise UsageError(f"OUT={path} cannot be read ({exc})") from None
+        if WRITTEN_BY[kind] not in head:
+            raise UsageError(
+                f"OUT={path} exists and was not written by {WRITTEN_BY[kind]}: "
+                "choose another OUT, or move that file away"
+            )
+
+
 def write(kind: str, stage_name: str = "pretrain", out: str | None = None,
           image: str | None = None, bucket: str | None = None, **knobs: object) -> int:  # fmt: skip
     """``make skypilot-task`` / ``make slurm-script``: write the file (or with DRY_RUN=1
     print it) and say how to launch it."""
     if kind not in KINDS:
         raise UsageError(f"unknown cluster file {kind!r}; choose one of: {', '.join(KINDS)}")
+    for name, value in (("STAGE", stage_name), ("OUT", out), ("IMAGE", image), ("BUCKET", bucket)):
+        if value is not None and not str(value).strip():
+            raise UsageError(f"{name} is empty: give it a value, or leave it out")
     dry_run = bool(check_raw({"dry_run": knobs.get("dry_run")}).get("dry_run"))
     knobs = {k: v for k, v in knobs.items() if v is not None and v is not False}
     knobs.pop("dry_run", None)
@@ -203,6 +228,7 @@ def write(kind: str, stage_name: str = "pretrain", out: str | None = None,
         return 0
     nodes = int(str(knobs["nodes"]))
     path = Path(out or f"nanochat-{stage_name}-{nodes}nodes{SUFFIX[kind]}").absolute()
+    check_out(path, kind)
     atomic_write_text(path, text)
     launch = "sky launch -c nanochat" if kind == "skypilot" else "sbatch"
     print(f"[nanochat] wrote {path}; launch it with: {launch} {path.name}")

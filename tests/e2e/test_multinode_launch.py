@@ -358,6 +358,33 @@ def test_cluster_files_refuse_what_cannot_run(kind, knobs, message, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_cluster_file_out_is_checked_and_never_overwrites_a_file_it_did_not_write(tmp_path):
+    mine = tmp_path / "job.sbatch"
+    assert cluster_files.write("slurm", "pretrain", str(mine), None, nodes="2",
+                               preset="speedrun") == 0  # fmt: skip
+    first = mine.read_text()
+    assert cluster_files.write("slurm", "pretrain", str(mine), None, nodes="2", gpus="4",
+                               preset="speedrun") == 0  # fmt: skip
+    assert mine.read_text() != first  # its own file: rewritten
+    theirs = tmp_path / "notes.txt"
+    theirs.write_text("mine, not nanochat's\n")
+    cases = [
+        ({"out": str(theirs)}, "exists and was not written by make slurm-script"),
+        ({"out": str(tmp_path)}, "is a folder: name the file to write"),
+        ({"out": str(tmp_path / "no" / "x.sbatch")}, "the folder .* does not exist"),
+        ({"out": " "}, "OUT is empty"),
+        ({"stage_name": ""}, "STAGE is empty"),
+        ({"bucket": ""}, "BUCKET is empty"),
+    ]
+    for given, message in cases:
+        args = {"stage_name": "pretrain", "out": str(tmp_path / "x"), "bucket": None, **given}
+        with pytest.raises(UsageError, match=message):
+            cluster_files.write("slurm", args["stage_name"], args["out"], None,
+                                args["bucket"], nodes="2", preset="speedrun")  # fmt: skip
+    assert theirs.read_text() == "mine, not nanochat's\n"
+    assert not (tmp_path / "no").exists() and not (tmp_path / "x").exists()
+
+
 def test_make_help_lists_the_cluster_files():
     result = run_cli(["make", "help"])
     assert "skypilot-task" in result.stdout and "slurm-script" in result.stdout
