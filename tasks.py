@@ -58,35 +58,34 @@ def _knob_task(name: str, summary: str, action: Callable[..., int]) -> Task:
     return Task(body, name=name, help={k.name: k.help for k in KNOBS})
 
 
+CLUSTER_FILE_FLAGS = {  # name: (default, help)
+    "stage": ("pretrain", "the multi-GPU stage to run (default pretrain)"),
+    "out": (None, "the file to write (default nanochat-<stage>-<N>nodes.<suffix>)"),
+    "image": (None, "SkyPilot: the image every node runs (default the local docker-build tag)"),
+    "bucket": (None, "SkyPilot: the bucket mounted as BASE_DIR (default: asked for at launch)"),
+}
+
+
 def _cluster_file_task(kind: str, summary: str) -> Task:
-    """``skypilot-task`` / ``slurm-script``: the knob flags plus --stage, --out, --image,
-    --bucket."""
+    """``skypilot-task`` / ``slurm-script``: the knob flags plus those of CLUSTER_FILE_FLAGS."""
     from backends import cluster_files
 
-    task = _knob_task(
-        f"{kind}-{'task' if kind == 'skypilot' else 'script'}",
-        summary,
-        lambda stage="pretrain", out=None, image=None, bucket=None, **knobs: cluster_files.write(
-            kind, stage, out, image, bucket, **knobs
-        ),
-    )
+    def action(**given):
+        extra = {
+            name: given.pop(name, default) for name, (default, _) in CLUSTER_FILE_FLAGS.items()
+        }
+        return cluster_files.write(
+            kind, extra["stage"], extra["out"], extra["image"], extra["bucket"], **given
+        )
+
+    task = _knob_task(f"{kind}-{'task' if kind == 'skypilot' else 'script'}", summary, action)
     params = list(task.body.__signature__.parameters.values())
     params += [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for name, default in (
-            ("stage", "pretrain"),
-            ("out", None),
-            ("image", None),
-            ("bucket", None),
-        )  # fmt: skip
+        for name, (default, _) in CLUSTER_FILE_FLAGS.items()
     ]
     task.body.__signature__ = inspect.Signature(params)
-    task.help.update(
-        stage="the multi-GPU stage to run (default pretrain)",
-        out="the file to write (default nanochat-<stage>-<N>nodes.<suffix>)",
-        image="SkyPilot: the image every node runs (default the local docker-build tag)",
-        bucket="SkyPilot: the bucket mounted as BASE_DIR (default: asked for at launch)",
-    )
+    task.help.update({name: text for name, (_, text) in CLUSTER_FILE_FLAGS.items()})
     return task
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from backends import command
 from backends.docker_image import WORKDIR, image_tag
 from backends.knobs import check_raw
-from backends.planning import CONTAINER_BASE_DIR, plan, resolve_base_dir
+from backends.planning import CONTAINER_BASE_DIR, explain_lines, plan, resolve_base_dir
 from backends.stages import gpu_count, remote_gpu
 from nanochat.common import UsageError, atomic_write_text
 
@@ -73,15 +73,8 @@ def check_divides(cmd: command.StageCommand, processes: int) -> None:
     """The stage's own dry-run check at the job's process count (pretraining: the batch must
     divide over every process), as a UsageError: a job that would stop with it after the
     nodes are allocated is never written."""
-    stage = cmd.stage
-    if not stage.explain:
-        return
-    import importlib
-
-    module, _, function = stage.explain.partition(":")
-    explain = getattr(importlib.import_module(module), function)
     args = cmd.argv[cmd.argv.index("--") + 1 :]
-    for line in explain(args, processes, CONTAINER_BASE_DIR):
+    for line in explain_lines(cmd.stage, args, processes, CONTAINER_BASE_DIR):
         if line.startswith("warning: "):
             raise UsageError(line.removeprefix("warning: "))
 

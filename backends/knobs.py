@@ -68,17 +68,12 @@ _ADDRESS = re.compile(
 )
 
 
-def parse_positive_int(knob: Knob, raw: str | int) -> int:
-    text = str(raw).strip()
-    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
-        raise UsageError(f"{knob.make_var} must be a positive integer, got {raw!r}")
-    return int(text)
-
-
-def parse_index(knob: Knob, raw: str | int) -> int:
-    text = str(raw).strip()
-    if not re.fullmatch(r"[0-9]+", text):
-        raise UsageError(f"{knob.make_var} must be 0 or a positive integer, got {raw!r}")
+def parse_int(knob: Knob, raw: str | int) -> int:
+    """An "int" knob (1 or more) or an "index" knob (0 or more)."""
+    text, least = str(raw).strip(), 0 if knob.kind == "index" else 1
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < least:
+        what = "0 or a positive integer" if least == 0 else "a positive integer"
+        raise UsageError(f"{knob.make_var} must be {what}, got {raw!r}")
     return int(text)
 
 
@@ -108,10 +103,8 @@ def check_raw(values: dict[str, object]) -> dict[str, object]:
             continue
         if knob.kind != "bool" and str(raw).strip() == "":
             raise UsageError(f"{knob.make_var} is empty: give it a value, or leave it out")
-        if knob.kind == "int":
-            parsed[name] = parse_positive_int(knob, raw)
-        elif knob.kind == "index":
-            parsed[name] = parse_index(knob, raw)
+        if knob.kind in ("int", "index"):
+            parsed[name] = parse_int(knob, raw)
         elif knob.kind == "bool":
             parsed[name] = parse_switch(knob, raw)
         else:

@@ -34,18 +34,8 @@ from pathlib import Path
 
 import modal
 
-from backends import command, local
+from backends import command, local, modal_lease
 from backends.launch import report_table
-from backends.modal_lease import (  # noqa: F401  (the launcher and tests reach them here)
-    LEASE_S,
-    LOCK_KEY,
-    SpeedrunBusy,
-    SpeedrunLease,
-    busy_message,
-    lease_holder,
-    lock_store,
-    release_lease,
-)
 from backends.modal_names import WEB_IDLE_S, WEB_KNOBS_ENV
 from backends.modal_volumes import (
     VOLUME_MOUNTS,
@@ -442,13 +432,15 @@ def speedrun_remote(steps: list[dict]) -> dict:
     volumes' lease while it runs (one speedrun at a time). Returns {"results": one dict per
     step run or skipped, "table": the report card's summary} or {"error": why not}."""
     owner = modal.current_function_call_id() or f"local-{os.getpid()}"
-    return run_orchestrator(steps, SpeedrunLease(lock_store(), owner))
+    return run_orchestrator(steps, modal_lease.SpeedrunLease(modal_lease.lock_store(), owner))
 
 
-def run_orchestrator(steps: list[dict], lease: SpeedrunLease, **orchestrate_options) -> dict:
+def run_orchestrator(
+    steps: list[dict], lease: modal_lease.SpeedrunLease, **orchestrate_options
+) -> dict:
     try:
         lease.acquire()
-    except SpeedrunBusy as exc:
+    except modal_lease.SpeedrunBusy as exc:
         print(f"[nanochat] speedrun: {exc}")
         return {"results": [], "error": str(exc)}
     lease.keep_renewing()

@@ -223,15 +223,15 @@ def run_speedrun(plans) -> int:
         return 0
     import modal
 
-    from backends import modal_app
+    from backends import modal_app, modal_lease
 
     steps = speedrun_steps(plans)
     fetch = "make volume-get PATH=report/report.md DEST=."
     # Before the app starts: a second speedrun on the same volumes would train into the
     # same checkpoints (the orchestrator checks again, atomically, when it starts).
-    held = modal_app.lease_holder(modal_app.lock_store())
+    held = modal_lease.lease_holder(modal_lease.lock_store())
     if held:
-        raise UsageError(modal_app.busy_message(held))
+        raise UsageError(modal_lease.busy_message(held))
     with modal.enable_output(), modal_app.app.run(detach=plans[0].detach):
         _follow_hint(modal_app.app)
         if plans[0].detach:
@@ -250,7 +250,7 @@ def run_speedrun(plans) -> int:
         except KeyboardInterrupt:
             # Leaving the app stops the orchestrator; free its lease now, so that running
             # the command again does not wait for the lease to lapse.
-            modal_app.release_lease(modal_app.lock_store(), call.object_id)
+            modal_lease.release_lease(modal_lease.lock_store(), call.object_id)
             raise
     if outcome.get("error"):
         raise UsageError(outcome["error"])

@@ -144,6 +144,7 @@ class CheckpointCommitter(threading.Thread):
         try:
             self.commit((CHECKPOINT_VOLUME,))
             self.commits += 1
+            self.seen = _checkpoint_files(self.base)  # the poll need not commit them again
         except Exception as exc:  # the stage's rank reports it and fails the save
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for request in pending:

@@ -275,15 +275,24 @@ def dry_run_note(the_plan: Plan) -> str:
     nodes = the_plan.command.nodes
     if nodes.count > 1:
         note += "\n# " + nodes_line(nodes, the_plan.command.nproc, the_plan.backend)
-    if the_plan.stage.explain and the_plan.stage.implemented():
-        module, _, function = the_plan.stage.explain.partition(":")
-        explain = getattr(importlib.import_module(module), function)
+    if the_plan.stage.implemented():
         args = command.script_args(the_plan.stage, the_plan.preset, the_plan.knobs)
-        for line in explain(args, the_plan.command.nproc * nodes.count, the_plan.base_dir):
+        processes = the_plan.command.nproc * nodes.count
+        for line in explain_lines(the_plan.stage, args, processes, the_plan.base_dir):
             note += f"\n# {line}"
     if not the_plan.stage.implemented():
         note += f"\n# note: stage {the_plan.stage.name!r} is not implemented yet"
     return note
+
+
+def explain_lines(stage: Stage, args: list[str], processes: int, base: Path) -> list[str]:
+    """What the stage's ``explain`` says of its script arguments at this process count
+    (pretraining: the dial; a line "warning: ..." when the batch does not divide); none
+    for a stage without one."""
+    if not stage.explain:
+        return []
+    module, _, function = stage.explain.partition(":")
+    return getattr(importlib.import_module(module), function)(args, processes, base)
 
 
 def nodes_line(nodes: command.Nodes, nproc: int, backend: str) -> str:

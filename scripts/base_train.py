@@ -158,14 +158,6 @@ class Pretraining(Trainer):
             gpt.param_groups(self.model), self.config.n_embd, self.total_batch,
             weight_decay=self.weight_decay, **recipe.optimizer_options(args),
         )  # fmt: skip
-        self.lr_scale, passes = args.lr_scale, None
-        if args.lr_scale_per_pass and args.lr_scale > 1:
-            from nanochat.data.dataloader import count_tokens
-
-            planned = self.num_steps * self.total_batch
-            passes = planned / count_tokens(train_paths, tokenizer, limit=planned)
-            self.lr_scale = schedules.lr_scale_for_passes(args.lr_scale, passes)
-        run_state.scale_lrs(self.optimizer, self.lr_scale)
         # a data stream per process; a checkpoint of another process count deals them out again
         try:
             self.loader = PackedLoader(
@@ -188,7 +180,10 @@ class Pretraining(Trainer):
             **recipe.as_config(args),
         }
         self.position = self.loader
-        self.start_or_resume(args.resume)
+        lr_scale, passes = args.lr_scale, None
+        if self.start_or_resume(args.resume) is None:  # a resume's LRs come with its optimizer
+            lr_scale, passes = self.scale_for(train_paths)
+            run_state.scale_lrs(self.optimizer, lr_scale)
         self.bytes_per_token = token_bytes(tokenizer, rt.device)
         self.flops_per_token = gpt.flops_per_token(self.config)
         self.peak = rt.peak_flops()
@@ -207,13 +202,27 @@ class Pretraining(Trainer):
             if passes is not None:
                 log(
                     f"LR scale {args.lr_scale:g} is for one pass over the data; this run makes "
-                    f"{passes:.2f} passes over its training split, so LRs x {self.lr_scale:.3g}"
+                    f"{passes:.2f} passes over its training split, so LRs x {lr_scale:.3g}"
                 )
             log(
                 f"pretrain d{args.depth}: accumulation {self.dial.accumulation}, "
                 f"{rt.world_size} process(es), {rt.dtype} on {rt.device.type}, "
                 f"from step {self.start_step}"
             )
+
+    def scale_for(self, train_paths) -> tuple[float, float | None]:
+        """(the LR scale of a fresh run, its passes over the training split or None): the
+        --lr-scale, or with --lr-scale-per-pass scale / passes**2 (schedules), the split
+        counted once, by rank 0, and the count shared."""
+        args, rt = self.args, self.rt
+        if not args.lr_scale_per_pass or args.lr_scale <= 1:
+            return args.lr_scale, None
+        from nanochat.data.dataloader import count_tokens
+
+        planned = self.num_steps * self.total_batch
+        counted = count_tokens(train_paths, self.tokenizer, limit=planned) if rt.master else None
+        passes = planned / rt.collect(counted)[0]
+        return schedules.lr_scale_for_passes(args.lr_scale, passes), passes
 
     def val_bpb(self) -> float:
         """Bits per byte over the val split's first rows, every token scored once, in the

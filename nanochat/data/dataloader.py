@@ -53,6 +53,13 @@ def row_groups(paths: Sequence[Path]) -> list[tuple[int, int]]:
     return pairs
 
 
+def tokenized(texts: Sequence[str], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """Each document's tokens, BOS first, tokenized in batches of TOKENIZE_BATCH: how the
+    loader, the evaluation rows and the data count read a row group."""
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        yield from tokenizer.encode(texts[start : start + TOKENIZE_BATCH], prepend="<|bos|>")
+
+
 def count_tokens(paths: Sequence[Path], tokenizer: Tokenizer, limit: int | None = None) -> int:
     """The tokens of every document in the shards, a BOS each included: the size of the
     data, not what ``PackedLoader`` trains on in one of its epochs (it crops a document
@@ -63,10 +70,8 @@ def count_tokens(paths: Sequence[Path], tokenizer: Tokenizer, limit: int | None 
     for path in paths:
         with shards.open_shard(path, check_hash=False) as pf:  # the loader checks them
             for rg in range(pf.num_row_groups):
-                texts = shards.read_texts(pf, path, rg)
-                for start in range(0, len(texts), TOKENIZE_BATCH):
-                    chunk = texts[start : start + TOKENIZE_BATCH]
-                    total += sum(map(len, tokenizer.encode(chunk, prepend="<|bos|>")))
+                for doc in tokenized(shards.read_texts(pf, path, rg), tokenizer):
+                    total += len(doc)
                     if limit is not None and total > limit:
                         return total
     return total
@@ -185,11 +190,8 @@ class ShardStream(BestFitPacker):
 
     def _refill(self) -> None:
         while len(self.buffer) < self.loader.buffer_docs:
-            texts = self._read_next_group()
-            for start in range(0, len(texts), TOKENIZE_BATCH):
-                chunk = texts[start : start + TOKENIZE_BATCH]
-                for doc in self.loader.tokenizer.encode(chunk, prepend="<|bos|>"):
-                    self.buffer.add(doc)
+            for doc in tokenized(self._read_next_group(), self.loader.tokenizer):
+                self.buffer.add(doc)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "buffer": self.buffer_state()}
@@ -372,7 +374,7 @@ class EvalRows:
         for path in map(Path, paths):
             pf = shards.open_shard(path)
             for rg in range(pf.num_row_groups):
-                for doc in tokenizer.encode(shards.read_texts(pf, path, rg), prepend="<|bos|>"):
+                for doc in tokenized(shards.read_texts(pf, path, rg), tokenizer):
                     stream += doc
                 if len(stream) >= need:
                     break

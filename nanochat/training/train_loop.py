@@ -72,10 +72,12 @@ def train_step(forward, model, optimizer, loader, accumulation: int, runtime) ->
             loss = forward(inputs, targets)
         (loss / accumulation).backward()
         total += loss.detach() / accumulation
+    # the logged loss is the whole batch's: summed over ranks while the optimizer steps
+    reduced = dist.all_reduce(total, async_op=True) if runtime.distributed else None
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    if runtime.distributed:
-        dist.all_reduce(total)
+    if reduced is not None:
+        reduced.wait()
         total /= runtime.world_size
     return total.item()
 

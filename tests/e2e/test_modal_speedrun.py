@@ -16,7 +16,7 @@ import time
 import modal
 import pytest
 
-from backends import modal_app, modal_backend, modal_volumes
+from backends import modal_app, modal_backend, modal_lease, modal_volumes
 from backends.planning import speedrun_plans
 from backends.stages import STAGES_BY_NAME
 from nanochat.common import UsageError
@@ -166,33 +166,33 @@ def test_the_stand_in_has_the_sdks_signatures():
 
 def test_one_orchestrator_holds_the_lease_and_a_dead_ones_lapses():
     store, now = StandInDict(), [1000.0]
-    first = modal_app.SpeedrunLease(store, "fc-first", clock=lambda: now[0])
-    second = modal_app.SpeedrunLease(store, "fc-second", clock=lambda: now[0])
+    first = modal_lease.SpeedrunLease(store, "fc-first", clock=lambda: now[0])
+    second = modal_lease.SpeedrunLease(store, "fc-second", clock=lambda: now[0])
     first.acquire()
-    with pytest.raises(modal_app.SpeedrunBusy, match="another speedrun is running .* fc-first"):
+    with pytest.raises(modal_lease.SpeedrunBusy, match="another speedrun is running .* fc-first"):
         second.acquire()
-    modal_app.SpeedrunLease(store, "fc-first", clock=lambda: now[0]).acquire()  # a retry
-    now[0] += modal_app.LEASE_S - 1
+    modal_lease.SpeedrunLease(store, "fc-first", clock=lambda: now[0]).acquire()  # a retry
+    now[0] += modal_lease.LEASE_S - 1
     first.renew()
-    now[0] += modal_app.LEASE_S - 1
-    with pytest.raises(modal_app.SpeedrunBusy):
+    now[0] += modal_lease.LEASE_S - 1
+    with pytest.raises(modal_lease.SpeedrunBusy):
         second.acquire()  # renewed: still alive
     now[0] += 2  # not renewed for a whole lease: its orchestrator died
     second.acquire()
-    with pytest.raises(modal_app.SpeedrunBusy, match="taken over"):
+    with pytest.raises(modal_lease.SpeedrunBusy, match="taken over"):
         first.renew()
     first.release()  # not its lease any more: left alone
-    assert store.get(modal_app.LOCK_KEY)["owner"] == "fc-second"
+    assert store.get(modal_lease.LOCK_KEY)["owner"] == "fc-second"
     second.release()
-    assert store.get(modal_app.LOCK_KEY) is None
+    assert store.get(modal_lease.LOCK_KEY) is None
 
 
 def test_an_orchestrator_that_lost_its_lease_stops_before_the_next_stage(base_dir, volume_root):
     store, now = StandInDict(), [1000.0]
-    lease = modal_app.SpeedrunLease(store, "fc-first", clock=lambda: now[0])
+    lease = modal_lease.SpeedrunLease(store, "fc-first", clock=lambda: now[0])
     lease.acquire()
-    now[0] += modal_app.LEASE_S + 1  # it stalled; another took the volumes over
-    modal_app.SpeedrunLease(store, "fc-second", clock=lambda: now[0]).acquire()
+    now[0] += modal_lease.LEASE_S + 1  # it stalled; another took the volumes over
+    modal_lease.SpeedrunLease(store, "fc-second", clock=lambda: now[0]).acquire()
     lease.keep_renewing(every_s=0.01).join(timeout=5)
     assert lease.lost.is_set()
     called = []
@@ -207,29 +207,29 @@ def test_an_orchestrator_that_lost_its_lease_stops_before_the_next_stage(base_di
 
 def test_a_busy_orchestrator_runs_nothing(base_dir, volume_root):
     store = StandInDict()
-    modal_app.SpeedrunLease(store, "fc-first").acquire()
+    modal_lease.SpeedrunLease(store, "fc-first").acquire()
     called = []
     outcome = modal_app.run_orchestrator(
         [{"stage": "report", "knobs": {}, "gpu": None}],
-        modal_app.SpeedrunLease(store, "fc-second"),
+        modal_lease.SpeedrunLease(store, "fc-second"),
         call=lambda *a: called.append(a),
     )
     assert called == [] and "another speedrun is running" in outcome["error"]
     outcome = modal_app.run_orchestrator(
         [{"stage": "report", "knobs": {}, "gpu": None}],
-        modal_app.SpeedrunLease(store, "fc-first"),  # its own retry goes on
+        modal_lease.SpeedrunLease(store, "fc-first"),  # its own retry goes on
         call=lambda stage, knobs, gpu: called.append(stage.name) or {"exit_code": 0},
     )
     assert called == ["report"] and "error" not in outcome
-    assert store.get(modal_app.LOCK_KEY) is None  # released at the end
+    assert store.get(modal_lease.LOCK_KEY) is None  # released at the end
 
 
 def test_the_launcher_refuses_a_second_speedrun_before_starting_anything(monkeypatch):
     import dataclasses
 
     store = StandInDict()
-    modal_app.SpeedrunLease(store, "fc-running").acquire()
-    monkeypatch.setattr(modal_app, "lock_store", lambda: store)
+    modal_lease.SpeedrunLease(store, "fc-running").acquire()
+    monkeypatch.setattr(modal_lease, "lock_store", lambda: store)
     started = []
     monkeypatch.setattr(modal_app.app, "run", lambda **kw: started.append(kw))
     plans = speedrun_plans(backend="modal", preset="smoke", dry_run=True)
@@ -251,14 +251,14 @@ def test_ctrl_c_on_the_laptop_frees_the_lease_of_the_run_it_stops(monkeypatch):
         object_id = "fc-this-run"
 
         def get(self):
-            modal_app.SpeedrunLease(store, self.object_id).acquire()  # the orchestrator's
+            modal_lease.SpeedrunLease(store, self.object_id).acquire()  # the orchestrator's
             raise KeyboardInterrupt
 
     class Orchestrator:
         def spawn(self, steps):
             return Call()
 
-    monkeypatch.setattr(modal_app, "lock_store", lambda: store)
+    monkeypatch.setattr(modal_lease, "lock_store", lambda: store)
     monkeypatch.setattr(modal_app.app, "run", lambda **kw: contextlib.nullcontext())
     monkeypatch.setattr(modal_app, "speedrun_remote", Orchestrator())
     monkeypatch.setattr(modal, "enable_output", contextlib.nullcontext)
@@ -266,7 +266,7 @@ def test_ctrl_c_on_the_laptop_frees_the_lease_of_the_run_it_stops(monkeypatch):
     plans = [dataclasses.replace(p, dry_run=False) for p in plans]
     with pytest.raises(KeyboardInterrupt):
         modal_backend.run_speedrun(plans)
-    assert store.get(modal_app.LOCK_KEY) is None
-    modal_app.SpeedrunLease(store, "fc-other").acquire()
-    modal_app.release_lease(store, "fc-this-run")  # never another run's
-    assert store.get(modal_app.LOCK_KEY)["owner"] == "fc-other"
+    assert store.get(modal_lease.LOCK_KEY) is None
+    modal_lease.SpeedrunLease(store, "fc-other").acquire()
+    modal_lease.release_lease(store, "fc-this-run")  # never another run's
+    assert store.get(modal_lease.LOCK_KEY)["owner"] == "fc-other"
