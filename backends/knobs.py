@@ -11,7 +11,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from nanochat.common import CHECKPOINT_KINDS, UsageError
+from nanochat.common import CHECKPOINT_KINDS, UsageError, hub_repo_problem
 
 BACKENDS = ("local", "docker", "modal")
 CHECKPOINT_SOURCES = CHECKPOINT_KINDS  # SOURCE picks one kind of checkpoint
@@ -48,6 +48,12 @@ KNOBS: tuple[Knob, ...] = (
     Knob("base_dir", "artifacts root (default $NANOCHAT_BASE_DIR or ~/.cache/nanochat)"),
     Knob("dataset", "climbmix | fineweb-edu | embedded | a custom name with SOURCE=folder"),
     Knob("source", "download: mirror URL or local folder; chat stages: base|mid|sft|rl"),
+    Knob(
+        "dest",
+        "export: the folder to write; push-hub: the one to upload (relative = under "
+        "BASE_DIR/export; default export/<kind>-<tag>); volume-get: where to put it",
+    ),
+    Knob("repo", "push-hub: the Hugging Face repository, owner/name (HF_TOKEN needed)"),
     Knob("args", "extra flags passed verbatim to the stage script, e.g. ARGS='--vocab-size=8192'"),
     Knob("dry_run", "print the exact command(s) and run nothing", "bool"),
     Knob("detach", "Modal: keep running after this terminal disconnects", "bool"),
@@ -126,6 +132,8 @@ def check_raw(values: dict[str, object]) -> dict[str, object]:
             "MASTER_ADDR must be a host name or an IPv4/IPv6 address, "
             f"got {parsed['master_addr']!r}"
         )
+    if "repo" in parsed and hub_repo_problem(str(parsed["repo"])):
+        raise UsageError(f"REPO: {hub_repo_problem(str(parsed['repo']))}")
     if "args" in parsed:
         try:
             shlex.split(str(parsed["args"]))

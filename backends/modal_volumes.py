@@ -8,7 +8,7 @@ module there too (it is in the image like the rest of the source).
 BASE_DIR (``/data/nanochat``, as in the image) is made of symlinks into the volumes, so
 every path a stage uses is the same as on a laptop. ``nanochat-data`` keeps what is
 downloaded or derived from the corpus (shards, tokenizer, eval bundle, task data);
-``nanochat-checkpoints`` keeps what training produces (checkpoints, reports, logs).
+``nanochat-checkpoints`` keeps what training produces (checkpoints, reports, logs, exports).
 Volumes are committed whenever a new checkpoint appears and when the stage ends, so a
 preempted and retried stage resumes from its latest checkpoint.
 
@@ -32,7 +32,12 @@ VOLUME_ROOT = "/vol"
 # writes must be listed (tests/e2e/test_modal_app.py checks this against the stage table).
 VOLUMES: dict[str, tuple[str, ...]] = {
     DATA_VOLUME: ("base_data", "tokenizer", "eval_bundle", "task_data"),
-    CHECKPOINT_VOLUME: (*(f"{kind}_checkpoints" for kind in CHECKPOINT_KINDS), "report", "logs"),
+    CHECKPOINT_VOLUME: (
+        *(f"{kind}_checkpoints" for kind in CHECKPOINT_KINDS),
+        "report",
+        "logs",
+        "export",
+    ),
 }
 COMMIT_POLL_S = 30.0  # how often the committer looks for a new checkpoint (seconds)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from backends import command, local, stages
 from backends.knobs import CHECKPOINT_SOURCES, KNOBS_BY_NAME, check_raw
 from backends.presets import DEFAULT_PRESET, get_preset
+from backends.secrets import load_secrets
 from backends.stages import (
     CLUSTER_SIZES,
     GPUS_PER_CLUSTER_NODE,
@@ -123,6 +124,26 @@ def check_source(stage: Stage, source: str) -> None:
         raise UsageError(f"SOURCE must be one of {', '.join(CHECKPOINT_SOURCES)}, got {source!r}")
 
 
+def check_needs(stage: Stage, knobs: dict[str, object], backend: str, dry_run: bool) -> None:
+    """The knobs and secrets a stage cannot run without, and a DEST the backend can see."""
+    for name in stage.needs:
+        if knobs.get(name) is None:
+            knob = KNOBS_BY_NAME[name]
+            raise UsageError(f"make {stage.name} needs {knob.make_var}= ({knob.help})")
+    if not dry_run:
+        have = load_secrets()
+        for name in stage.secrets:
+            if name not in have:
+                raise UsageError(f"make {stage.name} needs {name} in the environment or .env")
+    dest = knobs.get("dest")
+    if "dest" in stage.knobs and dest is not None and backend != "local":
+        if Path(str(dest)).expanduser().is_absolute() or ".." in Path(str(dest)).parts:
+            raise UsageError(
+                f"DEST={dest} is a path on this machine, which BACKEND={backend} cannot see: "
+                "give a name, kept under BASE_DIR/export (e.g. DEST=my-model)"
+            )
+
+
 def process_count(
     stage: Stage, gpus: int | None, visible: int, check: bool, cores: int, where: str
 ) -> int:
@@ -169,6 +190,7 @@ def plan(stage_name: str, quiet: bool = False, **raw: object) -> Plan:
                 f"SOURCE={knobs['source']} is a folder on this machine, which BACKEND={backend} "
                 "cannot see: use an http(s) mirror, or BACKEND=local"
             )
+    check_needs(stage, knobs, backend, dry_run)
     base_dir = resolve_base_dir(knobs.get("base_dir"))
     gpus = int(knobs["gpus"]) if knobs.get("gpus") else None
     gpu_string = remote_gpu(stage, knobs.get("gpu"))

@@ -49,6 +49,9 @@ class Stage:
     # A stage that reads the keyboard (a REPL) unless one of these flags gives it the input.
     interactive: bool = False
     prompt_flags: tuple[str, ...] = ()
+    # Knobs the stage cannot run without, and secrets it needs (checked before any launch).
+    needs: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()
 
     @property
     def multiprocess(self) -> bool:
@@ -301,6 +304,29 @@ STAGES: tuple[Stage, ...] = (
         reads=("report/",),
         writes=("report/report.md",),
         timeout_h=0.5,
+    ),
+    Stage(
+        "export",
+        "scripts.export",
+        "a checkpoint as a Hugging Face transformers folder (weights, tokenizer, chat template)",
+        "cpu",
+        knobs=("source", "dest"),
+        reads=(CKPT, "tokenizer/", "report/"),
+        writes=("export/",),
+        timeout_h=1,
+        # Our model, the renamed weights and transformers' copy (the check) at once, fp32.
+        memory_gb=32,
+    ),
+    Stage(
+        "push-hub",
+        "scripts.push_hub",
+        "upload an exported folder to the Hugging Face Hub (private unless --public)",
+        "cpu",
+        knobs=("repo", "dest", "source"),
+        reads=("export/",),
+        needs=("repo",),
+        secrets=("HF_TOKEN",),
+        timeout_h=2,
     ),
 )
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -367,3 +368,13 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def hub_repo_problem(text: str) -> str | None:
+    """Why ``text`` is not a Hugging Face repository id (``owner/name``), or None."""
+    if HUB_REPO_ID.match(text) and ".." not in text and len(text) <= 96:
+        return None
+    return f"expected a Hub repository like you/my-model, got {text!r}"

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from nanochat.common import atomic_write_text
+from nanochat.common import CHECKPOINT_KINDS, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,3 +180,65 @@ def write_section(
     path = section_path(base, stage)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+# --- the summary table (the report card's last part; the model card of an export) ------
+
+PIPELINE = ("tokenizer", "tokenizer-eval", "pretrain", "base-eval", "midtrain", "sft", "rl")
+SOURCES = CHECKPOINT_KINDS  # in pipeline order: the table's columns
+COLUMNS = ("BASE", "MID", "SFT", "RL")
+ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "GSM8K", "HumanEval", "MMLU", "ChatCORE")
+CHAT_EVAL = "chat-eval-"
+OUTPUT = "report.md"  # the report card, under report/
+
+
+def stage_key(stage: str) -> tuple[int, int, str]:
+    """Sort key: pipeline stages in order, then chat-eval by source, then the rest by name."""
+    if stage in PIPELINE:
+        return (0, PIPELINE.index(stage), "")
+    if stage.startswith(CHAT_EVAL):
+        source = stage[len(CHAT_EVAL) :]
+        return (1, SOURCES.index(source) if source in SOURCES else len(SOURCES), source)
+    return (2, 0, stage)
+
+
+def find_sections(report_dir: Path) -> list[str]:
+    if not report_dir.is_dir():
+        return []
+    stages = [p.stem for p in report_dir.glob("*.md") if p.name != OUTPUT]
+    return sorted(stages, key=stage_key)
+
+
+def load_record(report_dir: Path, stage: str) -> dict:
+    """The section's JSON companion, or {} (an older section, or an unreadable file)."""
+    path = report_dir / f"{stage}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def metric(record: dict, name: str) -> float | None:
+    """A table number: the section's ``metrics[name]`` (stages write their numbers as data)."""
+    value = (record.get("metrics") or {}).get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def summary_table(records: dict[str, dict]) -> str:
+    cells = {(row, col): None for row in ROWS for col in COLUMNS}
+    cells[("CORE", "BASE")] = metric(records.get("base-eval", {}), "CORE")
+    for source, col in zip(SOURCES, COLUMNS, strict=True):
+        record = records.get(CHAT_EVAL + source)
+        if record is None:
+            continue
+        for row in ROWS:
+            value = metric(record, row)
+            if value is not None:
+                cells[(row, col)] = value
+    lines = ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row in ROWS:
+        values = [cells[(row, col)] for col in COLUMNS]
+        shown = ["-" if v is None else f"{v:.4f}" for v in values]
+        lines.append(f"| {row} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from nanochat.common import (
-    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
     atomic_path,
@@ -33,52 +32,21 @@ from nanochat.common import (
     run_main,
 )
 from nanochat.prices import GPU_PRICE
+from nanochat.report import (
+    CHAT_EVAL,
+    OUTPUT,
+    PIPELINE,
+    find_sections,
+    load_record,
+    summary_table,
+)
 
-PIPELINE = ("tokenizer", "tokenizer-eval", "pretrain", "base-eval", "midtrain", "sft", "rl")
-SOURCES = CHECKPOINT_KINDS  # in pipeline order: the table's columns
-COLUMNS = ("BASE", "MID", "SFT", "RL")
-ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "GSM8K", "HumanEval", "MMLU", "ChatCORE")
-CHAT_EVAL = "chat-eval-"
 # The stages whose sections carry their wall time (tokenizer-eval's is negligible).
 TIMED = tuple(s for s in PIPELINE if s != "tokenizer-eval")
-OUTPUT = "report.md"
 
 
 def build_parser() -> CliParser:
     return CliParser(prog="python -m scripts.report", description=__doc__.split("\n\n")[0])
-
-
-def stage_key(stage: str) -> tuple[int, int, str]:
-    """Sort key: pipeline stages in order, then chat-eval by source, then the rest by name."""
-    if stage in PIPELINE:
-        return (0, PIPELINE.index(stage), "")
-    if stage.startswith(CHAT_EVAL):
-        source = stage[len(CHAT_EVAL) :]
-        return (1, SOURCES.index(source) if source in SOURCES else len(SOURCES), source)
-    return (2, 0, stage)
-
-
-def find_sections(report_dir: Path) -> list[str]:
-    if not report_dir.is_dir():
-        return []
-    stages = [p.stem for p in report_dir.glob("*.md") if p.name != OUTPUT]
-    return sorted(stages, key=stage_key)
-
-
-def load_record(report_dir: Path, stage: str) -> dict:
-    """The section's JSON companion, or {} (an older section, or an unreadable file)."""
-    path = report_dir / f"{stage}.json"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def metric(record: dict, name: str) -> float | None:
-    """A table number: the section's ``metrics[name]`` (stages write their numbers as data)."""
-    value = (record.get("metrics") or {}).get(name)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def wall_seconds(record: dict) -> float | None:
@@ -116,25 +84,6 @@ def totals(records: list[dict]) -> tuple[float, float, float | None, int]:
             else:
                 cost += hours * price
     return seconds, gpu_hours, (cost if priced else None), counted
-
-
-def summary_table(records: dict[str, dict]) -> str:
-    cells = {(row, col): None for row in ROWS for col in COLUMNS}
-    cells[("CORE", "BASE")] = metric(records.get("base-eval", {}), "CORE")
-    for source, col in zip(SOURCES, COLUMNS, strict=True):
-        record = records.get(CHAT_EVAL + source)
-        if record is None:
-            continue
-        for row in ROWS:
-            value = metric(record, row)
-            if value is not None:
-                cells[(row, col)] = value
-    lines = ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for row in ROWS:
-        values = [cells[(row, col)] for col in COLUMNS]
-        shown = ["-" if v is None else f"{v:.4f}" for v in values]
-        lines.append(f"| {row} | " + " | ".join(shown) + " |")
-    return "\n".join(lines)
 
 
 def read_log(path: Path) -> tuple[list[tuple[int, float]], str]:

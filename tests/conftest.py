@@ -5,9 +5,12 @@ cleared when this file is imported, before any test or fixture runs."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,11 @@ def _clear_user_environment() -> None:
     for name in USER_VARIABLES:
         os.environ.pop(name, None)
     os.environ[DOTENV_ENV] = os.devnull  # never the repository's .env
+    # Hugging Face's caches (transformers copies an exported modeling file there) in a
+    # folder of this test run, never the user's ~/.cache/huggingface.
+    hf_home = tempfile.mkdtemp(prefix="nanochat-test-hf-")
+    atexit.register(shutil.rmtree, hf_home, ignore_errors=True)
+    os.environ["HF_HOME"] = hf_home
 
 
 _clear_user_environment()

@@ -16,6 +16,21 @@ from nanochat.model.gpt import GPT, GPTConfig, build_model
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir, train_tokenizer
 from nanochat.training import checkpoint
 
+# The tokenizer test corpus: whitespace runs, accents, CJK, emoji (ZWJ sequences and flags),
+# combining marks, control bytes; every tokenizer must encode and decode these alike.
+ROUND_TRIP = [
+    "",
+    "hello world",
+    "   leading and trailing   ",
+    "tabs\tand\nnew\n\n\nlines\r\n",
+    " " * 17,
+    "Crème brûlée, naïve café",
+    "東京は日本の首都です。漢字とかな",
+    "emoji 🍕🎉👩‍👩‍👧 flags 🇫🇷",
+    "combining: e\u0301 a\u0308\u0323 Z\u0335\u0321",
+    "mixed: Привет 123 世界 ∑∫√ \x00\x7f",
+]
+
 
 def word_texts(
     words: list[str], count: int, shortest: int, spread: int, stride: int = 1

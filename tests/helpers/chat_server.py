@@ -35,9 +35,12 @@ USER = [{"role": "user", "content": "What is 2+3?"}]
 JSON = {"Content-Type": "application/json"}  # the API refuses other bodies (415)
 
 
-def build_chat_checkpoint(base: Path, tag: str = "d2", sequence_len: int = 128, loop=False):
+def build_chat_checkpoint(
+    base: Path, tag: str = "d2", sequence_len: int = 128, loop=False, tool=True
+):
     """Tokenizer + a base checkpoint under ``base`` whose greedy reply is EXPECTED (or, with
-    ``loop``, that reply repeated without end). Returns the tokenizer."""
+    ``loop``, that reply repeated without end; without ``tool``, REPLY_TEXT alone, no
+    calculator call). Returns the tokenizer."""
     import torch
 
     from helpers.builders import save_checkpoint, tiny_gpt, tokenizer_for
@@ -53,9 +56,13 @@ def build_chat_checkpoint(base: Path, tag: str = "d2", sequence_len: int = 128, 
     byte_id = {tok.id_to_bytes(i): i for i in range(tok.vocab_size) if not tok.is_special(i)}
     sid = tok.special_id
     chain = [sid("<|assistant_start|>")] + [byte_id[bytes([b])] for b in REPLY_TEXT.encode()]
-    chain += [sid("<|python_start|>"), *(byte_id[c.encode()] for c in EXPRESSION)]
-    chain.append(sid("<|python_end|>"))  # the engine forces output_start 5 output_end next
-    tail = [sid("<|output_end|>"), byte_id[b"!"], chain[1] if loop else sid("<|assistant_end|>")]
+    if tool:
+        chain += [sid("<|python_start|>"), *(byte_id[c.encode()] for c in EXPRESSION)]
+        chain.append(sid("<|python_end|>"))  # the engine forces output_start 5 output_end next
+        tail = [sid("<|output_end|>"), byte_id[b"!"]]
+    else:
+        tail = [chain[-1]]
+    tail.append(chain[1] if loop else sid("<|assistant_end|>"))
     pairs = [*zip(chain, chain[1:], strict=False), *zip(tail, tail[1:], strict=False)]
     assert len({a for a, _ in pairs}) == len(pairs), "a token may have only one successor"
     generator = torch.Generator().manual_seed(0)

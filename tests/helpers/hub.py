@@ -144,3 +144,59 @@ class ParquetHub(ScriptedHub):
     def count(self, path: str) -> int:
         """How many times ``path`` was asked for."""
         return self.gets().count(path)
+
+
+class UploadHub(ScriptedHub):
+    """The Hub's model-upload API as ``huggingface_hub`` speaks it: POST /api/repos/create
+    (the repository's name and visibility), POST /api/models/<repo>/preupload/main (every file
+    answered "regular": carried inside the commit, so no LFS or Xet storage is involved), and
+    POST /api/models/<repo>/commit/main (the commit as NDJSON, files base64 inside), and the
+    model card's check, POST /api/validate-yaml (its header must be a YAML mapping).
+    ``created`` and ``commits`` record what arrived; ``files`` is the last commit's content."""
+
+    def __init__(self):
+        self.created: list[dict] = []
+        self.commits: list[dict] = []
+        super().__init__()
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return self.commits[-1]["files"] if self.commits else {}
+
+    def post(self, path: str, body: bytes) -> Answer | None:
+        import base64
+
+        if path.startswith("/api/repos/create"):
+            request = json.loads(body)
+            self.created.append(request)
+            repo = f"{request.get('organization') or 'user'}/{request['name']}"
+            return 200, json.dumps({"url": f"{self.url}/{repo}", "name": repo}).encode()
+        if path.startswith("/api/validate-yaml"):  # the model card's YAML header, as a mapping
+            import yaml
+
+            content = json.loads(body)["content"]
+            header = content.split("---")[1] if content.startswith("---") else ""
+            parsed = yaml.safe_load(header) if header else None
+            if not isinstance(parsed, dict):
+                return 400, json.dumps({"errors": [{"message": "no YAML mapping"}]}).encode()
+            return 200, json.dumps({"errors": [], "warnings": []}).encode()
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            modes = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+            ]
+            return 200, json.dumps({"files": modes}).encode()
+        if "/commit/" in path:
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            header = next(line["value"] for line in lines if line["key"] == "header")
+            files = {
+                line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                for line in lines
+                if line["key"] == "file"
+            }
+            self.commits.append({"path": path, "header": header, "files": files})
+            oid = hashlib.sha1(body).hexdigest()
+            repo = path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
+            answer = {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid}
+            return 200, json.dumps(answer).encode()
+        return None

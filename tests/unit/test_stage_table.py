@@ -30,7 +30,15 @@ PIPELINE = [
     "chat-cli",
     "chat-web",
     "report",
+    "export",
+    "push-hub",
 ]
+# What a stage that cannot run without a knob (stage.needs) is given in these tests.
+NEEDED = {"repo": "you/my-model"}
+
+
+def needed(stage) -> dict[str, str]:
+    return {name: NEEDED[name] for name in stage.needs}
 
 
 def test_every_pipeline_stage_is_registered_in_order():
@@ -45,10 +53,10 @@ def test_every_pipeline_stage_is_registered_in_order():
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
 def test_command_for_every_stage_and_preset(stage, preset):
-    the_plan = plan(stage.name, preset=preset, gpus="4", dry_run=True)
+    the_plan = plan(stage.name, preset=preset, gpus="4", dry_run=True, **needed(stage))
     cmd, dry = the_plan.command, the_plan.dry_run
     assert dry
-    args = command.script_args(stage, preset, {**PRESETS[preset].knobs})
+    args = command.script_args(stage, preset, {**PRESETS[preset].knobs, **needed(stage)})
     if stage.multiprocess:
         expected = ["torchrun", "--standalone", "--nproc_per_node=4", "-m", stage.module, "--"]
     else:
@@ -57,8 +65,9 @@ def test_command_for_every_stage_and_preset(stage, preset):
     # Only the stage's own knobs become flags, in the stage's order.
     flags = [a.split("=")[0] for a in args if a.startswith("--")]
     knob_flags = [f for f in flags if f.lstrip("-").replace("-", "_") in stage.knobs]
+    given = {**PRESETS[preset].knobs, **needed(stage)}
     assert knob_flags == [
-        "--" + k.replace("_", "-") for k in stage.knobs if PRESETS[preset].knobs.get(k) is not None
+        "--" + k.replace("_", "-") for k in stage.knobs if given.get(k) is not None
     ]
     assert cmd.env["OMP_NUM_THREADS"].isdigit()
     assert cmd.env["NANOCHAT_BASE_DIR"]
@@ -101,7 +110,7 @@ def test_preset_args_parse_with_the_stage_script(stage):
     module = importlib.import_module(stage.module)
     parser = module.build_parser()
     for preset in PRESETS:
-        cmd = plan(stage.name, preset=preset, gpus="2", dry_run=True).command
+        cmd = plan(stage.name, preset=preset, gpus="2", dry_run=True, **needed(stage)).command
         args = cmd.argv[cmd.argv.index(stage.module) + 1 :]
         parser.parse_args(args)  # exits 2 on any unknown or bad flag
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers.builders import ROUND_TRIP
 
 from nanochat import tokenizer as tokmod
 from nanochat.common import run_main
@@ -109,20 +110,6 @@ def test_digits_are_grouped_at_most_two(tok):
             assert sum(ch.isdigit() for ch in tok.id_to_bytes(i).decode("utf-8")) <= 2
     # and the corpus, full of numbers, taught it some two-digit tokens
     assert any(tok.id_to_bytes(i).isdigit() and len(tok.id_to_bytes(i)) == 2 for i in range(VOCAB))
-
-
-ROUND_TRIP = [
-    "",
-    "hello world",
-    "   leading and trailing   ",
-    "tabs\tand\nnew\n\n\nlines\r\n",
-    " " * 17,
-    "Crème brûlée, naïve café",
-    "東京は日本の首都です。漢字とかな",
-    "emoji 🍕🎉👩‍👩‍👧 flags 🇫🇷",
-    "combining: e\u0301 a\u0308\u0323 Z\u0335\u0321",
-    "mixed: Привет 123 世界 ∑∫√ \x00\x7f",
-]
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)

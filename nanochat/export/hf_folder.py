@@ -1,0 +1,247 @@
+"""Write a checkpoint as a Hugging Face model folder, check it, and put it in place at once.
+
+Where it fits: the export stage (``scripts/export.py``, ``make export``) calls ``export``;
+the push-hub stage uploads the folder it leaves. The folder holds:
+
+- ``model.safetensors`` (shards of at most 5 GB and ``model.safetensors.index.json`` above
+  that), the weights renamed by ``nanochat.export.hf_weights``;
+- ``config.json`` (``NanochatFullConfig``, with ``auto_map`` pointing at the modeling file)
+  and ``modeling_nanochat_full.py`` itself; ``generation_config.json`` (stops at
+  ``<|assistant_end|>`` and ``<|bos|>``, greedy unless asked otherwise);
+- ``tokenizer.json`` and ``tokenizer_config.json`` with the chat template
+  (``nanochat.export.hf_tokenizer``);
+- ``README.md``, the model card (``nanochat.export.model_card``).
+
+Everything is written into a temp folder beside the destination. Before it takes the
+destination's name, transformers loads it back (``trust_remote_code``) and its logits are
+compared with our model's on a few prompts, one longer than the sliding window: a folder that
+does not compute what we do is never left behind. A destination that already holds an
+export is replaced whole; one that holds anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanochat.common import StageFailed, UsageError, check_free_space, human_bytes, log
+from nanochat.export import hf_weights
+from nanochat.export.hf_tokenizer import write_tokenizer
+
+MAX_SHARD = "5GB"
+TOLERANCE = 1e-4  # max |logit difference| allowed between the folder and our model (fp32)
+EXPORT_MARK = "nanochat_export"  # config.json key that marks a folder we wrote
+PROMPTS = (
+    "The capital of France is",
+    "Crème brûlée, 東京, emoji 🙂 and numbers 12345 in one line.",
+)
+
+
+@dataclass(frozen=True)
+class Exported:
+    folder: Path
+    parity: dict
+
+
+def default_dest(base: Path, kind: str, tag: str) -> Path:
+    """``BASE_DIR/export/<kind>-<tag>``."""
+    return Path(base) / "export" / f"{kind}-{tag}"
+
+
+def check_dest(dest: Path) -> None:
+    """Refuse a destination that is a file, or a folder holding anything but an export."""
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"DEST {dest} is a file: give a folder (new, empty or an export)")
+    if dest.is_dir() and any(dest.iterdir()) and not is_export(dest):
+        raise UsageError(
+            f"DEST {dest} holds files that are not a nanochat export: choose a new or empty "
+            "folder (nothing there was touched)"
+        )
+
+
+def is_export(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and EXPORT_MARK in config
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk and make it readable by all (safetensors writes 0600;
+    artifacts are shared with containers and volumes)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)
+
+
+def write_weights(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
+    """``model.safetensors``, or shards and their index above ``MAX_SHARD``; the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+        _fsync(folder / filename)
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        files.append("model.safetensors.index.json")
+    return files
+
+
+def write_config(folder: Path, fields: dict, dtype: str, source: dict) -> None:
+    from transformers import GenerationConfig
+
+    from nanochat.export.modeling_nanochat_full import NanochatFullConfig
+
+    config = NanochatFullConfig(**fields)
+    config.architectures = [hf_weights.ARCHITECTURE]
+    config.auto_map = dict(hf_weights.AUTO_MAP)
+    config.dtype = dtype
+    setattr(config, EXPORT_MARK, source)
+    config.save_pretrained(str(folder))
+    generation = GenerationConfig(
+        bos_token_id=fields["bos_token_id"],
+        eos_token_id=[fields["eos_token_id"], fields["bos_token_id"]],
+        pad_token_id=fields["pad_token_id"],
+        do_sample=False,
+    )
+    generation.save_pretrained(str(folder))
+
+
+def parity_prompts(tokenizer, window: int, context: int) -> list[list[int]]:
+    """Token ids of the check's prompts: two short texts, a chat prompt, and one text longer
+    than the sliding window (up to the context)."""
+    prompts = [tokenizer.encode(text, prepend="<|bos|>") for text in PROMPTS]
+    turns = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": ""}]
+    chat = {"messages": turns}
+    prompts.append(tokenizer.render_for_completion(chat))
+    long_ids = tokenizer.encode(" ".join(PROMPTS) * 200, prepend="<|bos|>")
+    prompts.append(long_ids[: min(context, max(2 * window, 64))])
+    return [p[:context] for p in prompts]
+
+
+@torch.no_grad()
+def check_parity(folder: Path, model, tokenizer, dtype: torch.dtype) -> dict:
+    """Load ``folder`` with transformers and compare its float32 logits with ``model``'s
+    (its weights rounded to ``dtype`` first, as the folder holds them)."""
+    from transformers import AutoModelForCausalLM
+
+    from nanochat.model.gpt import short_window
+
+    if dtype != torch.float32:
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(folder), trust_remote_code=True, local_files_only=True, dtype=torch.float32
+    ).eval()
+    config = model.config
+    prompts = parity_prompts(tokenizer, short_window(config), config.sequence_len)
+    worst = 0.0
+    for ids in prompts:
+        batch = torch.tensor([ids])
+        ours = model(batch)
+        exported = theirs(batch, use_cache=False).logits
+        worst = max(worst, (ours - exported).abs().max().item())
+    return {
+        "max_abs_diff": worst,
+        "prompts": len(prompts),
+        "longest": max(len(p) for p in prompts),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def export(
+    base: Path,
+    source: str = "auto",
+    tag: str | None = None,
+    step: int | None = None,
+    dest: Path | None = None,
+    dtype: str = "float32",
+) -> Exported:
+    """Export the checkpoint ``source``/``tag``/``step`` picks to ``dest`` (default
+    ``BASE_DIR/export/<kind>-<tag>``); UsageError for anything wrong, before any work."""
+    from nanochat.export.model_card import model_card
+    from nanochat.inference.engine import open_chat_checkpoint
+    from nanochat.model.gpt import build_model
+    from nanochat.tokenizer import tokenizer_dir
+    from nanochat.training import checkpoint
+
+    found, tokenizer, meta = open_chat_checkpoint(base, source, tag, step, other_flag="-i")
+    config = checkpoint.model_config(found, tokenizer.vocab_size)
+    kind, tag = meta["source"], meta["tag"]
+    dest = Path(dest) if dest is not None else default_dest(base, kind, tag)
+    check_dest(dest)
+    torch_dtype = hf_weights.DTYPES[dtype]
+    state = checkpoint.load_model_state(found, "cpu")
+    exported = hf_weights.hf_state(state, torch_dtype)  # refuses an unknown weight first
+    size = sum(t.numel() * t.element_size() for t in exported.values())
+    check_free_space(dest, size + (1 << 20))
+    log(
+        f"exporting {kind}/{tag} step {found.step} ({human_bytes(size)} of {dtype} "
+        f"weights) to {dest}"
+    )
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.parent / f".{dest.name}.export-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        source_facts = {
+            "kind": kind, "tag": tag, "step": found.step, "directory": str(found.directory)
+        }  # fmt: skip
+        write_weights(work, exported)
+        del exported
+        write_config(work, hf_weights.hf_config_fields(config, tokenizer), dtype, source_facts)
+        shutil.copyfile(
+            Path(__file__).with_name(hf_weights.MODELING_FILE), work / hf_weights.MODELING_FILE
+        )
+        write_tokenizer(work, tokenizer_dir(base), tokenizer, config.sequence_len)
+        model = build_model(config, "cpu")
+        model.load_state_dict({k.removeprefix("_orig_mod."): v.float() for k, v in state.items()})
+        model.eval()
+        log("checking the folder: transformers loads it and its logits are compared with ours")
+        parity = check_parity(work, model, tokenizer, torch_dtype)
+        limit = TOLERANCE if torch_dtype == torch.float32 else float("inf")
+        if not parity["max_abs_diff"] <= limit:
+            raise StageFailed(
+                f"the exported model's logits differ from ours by {parity['max_abs_diff']:.3g} "
+                f"(allowed {TOLERANCE}): the folder was not kept"
+            )
+        facts = {
+            **source_facts, "run_config": meta.get("run_config"), "val_bpb": meta.get("val_bpb")
+        }  # fmt: skip
+        card = model_card(
+            f"nanochat {kind} {tag}", config, hf_weights.features(config), facts,
+            Path(base) / "report", parity,
+        )  # fmt: skip
+        (work / "README.md").write_text(card, encoding="utf-8")
+        _replace(work, dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(
+        f"exported to {dest}: max |logit difference| {parity['max_abs_diff']:.2e} on "
+        f"{parity['prompts']} prompts (up to {parity['longest']} tokens)"
+    )
+    return Exported(dest, parity)
+
+
+def _replace(work: Path, dest: Path) -> None:
+    """Put ``work`` in place of ``dest``: a rename, with the old export moved aside first
+    and removed only once the new one is in place."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(work, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
