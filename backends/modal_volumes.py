@@ -25,6 +25,7 @@ import modal
 
 from backends.modal_names import CHECKPOINT_VOLUME, DATA_VOLUME
 from nanochat.common import CHECKPOINT_KINDS
+from nanochat.export import EXPORT_DIR
 
 VOLUME_ROOT_ENV = "NANOCHAT_VOLUME_ROOT"  # where the volumes are mounted (tests: a temp dir)
 VOLUME_ROOT = "/vol"
@@ -36,7 +37,7 @@ VOLUMES: dict[str, tuple[str, ...]] = {
         *(f"{kind}_checkpoints" for kind in CHECKPOINT_KINDS),
         "report",
         "logs",
-        "export",
+        EXPORT_DIR,
     ),
 }
 COMMIT_POLL_S = 30.0  # how often the committer looks for a new checkpoint (seconds)

@@ -27,6 +27,7 @@ from nanochat.common import (
     positive_int,
     run_main,
 )
+from nanochat.export import DEFAULT_DTYPE, EXPORT_DIR, EXPORT_DTYPES
 
 NEEDS = ("transformers", "safetensors", "huggingface_hub", "tokenizers")
 
@@ -53,8 +54,8 @@ def build_parser() -> CliParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
+        choices=EXPORT_DTYPES,
+        default=DEFAULT_DTYPE,
         help="weights' type in the folder (default: float32, the training master copy; "
         "bfloat16 halves the size)",
     )
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     from nanochat.export.hf_folder import export
 
     base = base_dir()
-    dest = None if args.dest is None else base / "export" / Path(args.dest).expanduser()
+    dest = None if args.dest is None else base / EXPORT_DIR / Path(args.dest).expanduser()
     export(base, args.source, args.tag, args.step, dest, args.dtype)
     return 0
 

@@ -6,9 +6,11 @@
 Needs ``HF_TOKEN`` (a write token) from the environment or ``.env``: it travels to every
 backend as a secret, never printed. Without it the stage stops in one line before reading
 anything. The repository is created when missing (private unless ``--public``) and the
-folder ``make export`` wrote goes up in one commit through ``huggingface_hub``
-(``HF_ENDPOINT`` points it at a mirror). ``--dest`` picks the folder (relative paths are
-under BASE_DIR/export); by default the newest export there is, of ``--source`` when given.
+folder ``make export`` wrote becomes its content in one commit through ``huggingface_hub``
+(files of an older upload that the folder lacks are deleted; ``HF_ENDPOINT`` points it at a
+mirror). A refusal by the Hub (a bad token, no write access) is one line, exit 1.
+``--dest`` picks the folder (relative paths are under BASE_DIR/export); by default the
+newest export there is, of ``--source`` when given.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from pathlib import Path
 from nanochat.common import (
     CHECKPOINT_KINDS,
     CliParser,
+    StageFailed,
     UsageError,
     base_dir,
     hub_repo_problem,
     log,
+    one_line,
     run_main,
 )
+from nanochat.export import EXPORT_DIR
 
 TOKEN_ENV = "HF_TOKEN"
 
@@ -59,7 +64,10 @@ def build_parser() -> CliParser:
         help="default folder: the newest export of this kind",
     )
     parser.add_argument(
-        "--public", action="store_true", help="create the repository public (default: private)"
+        "--public",
+        action="store_true",
+        help="make the repository public (a new one is private unless this is given; an "
+        "existing private one is made public; an existing public one stays public)",
     )
     parser.add_argument("--message", default="Upload a nanochat export", help="the commit message")
     return parser
@@ -70,16 +78,19 @@ def pick_folder(base: Path, dest: str | None, source: str | None) -> Path:
     naming what to run when there is none."""
     from nanochat.export.hf_folder import is_export
 
+    root = base / EXPORT_DIR
     if dest is not None:
-        folder = base / "export" / Path(dest).expanduser()
+        folder = root / Path(dest).expanduser()
         if not is_export(folder):
             raise UsageError(f"{folder} is not a nanochat export: run `make export` first")
         return folder
-    root = base / "export"
     prefix = f"{source}-" if source else ""
-    found = (
-        [p for p in root.glob(f"{prefix}*") if p.is_dir() and is_export(p)] if root.is_dir() else []
-    )
+    # Hidden folders are an export's work in progress (or one a crash left): never uploaded.
+    found = [
+        p
+        for p in (root.glob(f"{prefix}*") if root.is_dir() else [])
+        if not p.name.startswith(".") and p.is_dir() and is_export(p)
+    ]
     if not found:
         what = f"{source} " if source else ""
         raise UsageError(f"no {what}export under {root}: run `make export` first")
@@ -97,17 +108,44 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("huggingface_hub") is None:
         raise UsageError("push-hub needs huggingface_hub: pip install -e '.[export]'")
     folder = pick_folder(base_dir(), args.dest, args.source)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        upload(folder, args.repo, args.public, args.message, token)
+    except HfHubHTTPError as exc:  # a refused token, no write access, the network
+        raise StageFailed(f"the Hub refused the upload to {args.repo}: {one_line(exc)}") from None
+    return 0
+
+
+def upload(folder: Path, repo: str, public: bool, message: str, token: str) -> None:
+    """Create ``repo`` when missing (private unless ``public``), make it public when asked,
+    and commit ``folder`` as the repository's whole content: files the folder no longer has
+    (an older export's shards, another dtype's weights) are deleted in the same commit."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     api = HfApi(token=token)
-    visibility = "public" if args.public else "private"
-    log(f"uploading {folder} to {args.repo} ({visibility}, created when missing)")
-    url = api.create_repo(args.repo, private=not args.public, exist_ok=True, repo_type="model")
+    try:
+        private = api.repo_info(repo, repo_type="model").private
+    except RepositoryNotFoundError:
+        private = None
+    if private is None:
+        log(f"creating {repo} ({'public' if public else 'private'})")
+        api.create_repo(repo, private=not public, repo_type="model")
+    elif public and private:
+        log(f"{repo} exists and is private: making it public (--public)")
+        api.update_repo_settings(repo, private=False, repo_type="model")
+    else:
+        log(f"{repo} exists ({'private' if private else 'public'}); its visibility stays")
+    log(f"uploading {folder} to {repo}")
     commit = api.upload_folder(
-        repo_id=args.repo, folder_path=str(folder), commit_message=args.message, repo_type="model"
+        repo_id=repo,
+        folder_path=str(folder),
+        commit_message=message,
+        repo_type="model",
+        delete_patterns=["*"],
     )
-    log(f"uploaded: {url} (commit {getattr(commit, 'oid', '?')})")
-    return 0
+    log(f"uploaded: {getattr(commit, 'commit_url', repo)}")
 
 
 if __name__ == "__main__":

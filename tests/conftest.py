@@ -24,10 +24,16 @@ from backends.secrets import DOTENV_ENV, SECRET_NAMES  # noqa: E402
 
 # Make variables of our Makefile that a user may export, besides the knobs.
 MAKE_VARIABLES = ("EXTRAS", "VENV", "DEST", "OMP_NUM_THREADS", "MODAL_IS_REMOTE")
+# Hugging Face's own cache and token locations (each would win over the HF_HOME set below).
+HF_VARIABLES = (
+    "HF_MODULES_CACHE", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
+    "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "XDG_CACHE_HOME",
+)  # fmt: skip
 USER_VARIABLES = sorted(
     {knob.make_var for knob in KNOBS}
     | set(SECRET_NAMES)
     | set(MAKE_VARIABLES)
+    | set(HF_VARIABLES)
     | {name for name in os.environ if name.startswith("NANOCHAT_")}
 )
 

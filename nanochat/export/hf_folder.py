@@ -13,29 +13,47 @@ the push-hub stage uploads the folder it leaves. The folder holds:
 - ``README.md``, the model card (``nanochat.export.model_card``).
 
 Everything is written into a temp folder beside the destination. Before it takes the
-destination's name, transformers loads it back (``trust_remote_code``) and its logits are
-compared with our model's on a few prompts, one longer than the sliding window: a folder that
-does not compute what we do is never left behind. A destination that already holds an
-export is replaced whole; one that holds anything else is refused.
+destination's name, transformers loads it back (``trust_remote_code``) and its float32 logits
+are compared with our model's (its weights rounded to the folder's dtype) on a few prompts,
+one longer than the sliding window: a folder that does not compute what we do within
+``TOLERANCE`` is never left behind, whatever its dtype. A destination that holds an export
+and nothing else is replaced whole (the old one is put back if the swap fails); one that
+holds anything else (notes, a git clone, another model) is refused, untouched.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanochat.common import StageFailed, UsageError, check_free_space, human_bytes, log
-from nanochat.export import hf_weights
+from nanochat.export import DEFAULT_DTYPE, EXPORT_DIR, hf_weights
 from nanochat.export.hf_tokenizer import write_tokenizer
 
 MAX_SHARD = "5GB"
 TOLERANCE = 1e-4  # max |logit difference| allowed between the folder and our model (fp32)
 EXPORT_MARK = "nanochat_export"  # config.json key that marks a folder we wrote
+# Every name an export holds: a folder with anything else is not ours to replace.
+EXPORT_FILES = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    hf_weights.MODELING_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "README.md",
+)
 PROMPTS = (
     "The capital of France is",
     "Crème brûlée, 東京, emoji 🙂 and numbers 12345 in one line.",
@@ -50,13 +68,19 @@ class Exported:
 
 def default_dest(base: Path, kind: str, tag: str) -> Path:
     """``BASE_DIR/export/<kind>-<tag>``."""
-    return Path(base) / "export" / f"{kind}-{tag}"
+    return Path(base) / EXPORT_DIR / f"{kind}-{tag}"
 
 
 def check_dest(dest: Path) -> None:
-    """Refuse a destination that is a file, or a folder holding anything but an export."""
+    """Refuse a destination that is a file or a link, one whose parent is not a folder, or a
+    folder holding anything but an export of ours."""
+    if dest.is_symlink():
+        raise UsageError(f"DEST {dest} is a symbolic link: give the folder itself")
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"DEST {dest} is a file: give a folder (new, empty or an export)")
+    parent = next((p for p in dest.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"DEST {dest} cannot be made: {parent} is a file")
     if dest.is_dir() and any(dest.iterdir()) and not is_export(dest):
         raise UsageError(
             f"DEST {dest} holds files that are not a nanochat export: choose a new or empty "
@@ -65,19 +89,23 @@ def check_dest(dest: Path) -> None:
 
 
 def is_export(folder: Path) -> bool:
+    """True for a folder ``export`` wrote: a marked config.json and only export files."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        names = [p.name for p in folder.iterdir()]
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and EXPORT_MARK in config
+    known = all(any(fnmatch.fnmatch(n, pattern) for pattern in EXPORT_FILES) for n in names)
+    return isinstance(config, dict) and EXPORT_MARK in config and known
 
 
-def _fsync(path: Path) -> None:
-    """Flush a written file to disk and make it readable by all (safetensors writes 0600;
-    artifacts are shared with containers and volumes)."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(path, 0o644)
+def _sync_folder(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk and make it readable by all (safetensors
+    writes 0600; artifacts are shared with containers and volumes)."""
+    for path in folder.iterdir():
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(path, 0o644)
 
 
 def write_weights(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
@@ -88,7 +116,6 @@ def write_weights(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
-        _fsync(folder / filename)
     files = list(split.filename_to_tensors)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
@@ -102,7 +129,7 @@ def write_config(folder: Path, fields: dict, dtype: str, source: dict) -> None:
 
     from nanochat.export.modeling_nanochat_full import NanochatFullConfig
 
-    config = NanochatFullConfig(**fields)
+    config = NanochatFullConfig(**{k: v for k, v in fields.items() if k != "stop_token_ids"})
     config.architectures = [hf_weights.ARCHITECTURE]
     config.auto_map = dict(hf_weights.AUTO_MAP)
     config.dtype = dtype
@@ -110,7 +137,8 @@ def write_config(folder: Path, fields: dict, dtype: str, source: dict) -> None:
     config.save_pretrained(str(folder))
     generation = GenerationConfig(
         bos_token_id=fields["bos_token_id"],
-        eos_token_id=[fields["eos_token_id"], fields["bos_token_id"]],
+        eos_token_id=fields["stop_token_ids"],
+        # pad is a stop token: transformers then never guesses an attention mask from it
         pad_token_id=fields["pad_token_id"],
         do_sample=False,
     )
@@ -165,7 +193,7 @@ def export(
     tag: str | None = None,
     step: int | None = None,
     dest: Path | None = None,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
 ) -> Exported:
     """Export the checkpoint ``source``/``tag``/``step`` picks to ``dest`` (default
     ``BASE_DIR/export/<kind>-<tag>``); UsageError for anything wrong, before any work."""
@@ -175,6 +203,7 @@ def export(
     from nanochat.tokenizer import tokenizer_dir
     from nanochat.training import checkpoint
 
+    base = Path(base)
     found, tokenizer, meta = open_chat_checkpoint(base, source, tag, step, other_flag="-i")
     config = checkpoint.model_config(found, tokenizer.vocab_size)
     kind, tag = meta["source"], meta["tag"]
@@ -191,12 +220,13 @@ def export(
     )
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = dest.parent / f".{dest.name}.export-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
     try:
+        inside = found.directory.is_relative_to(base)
+        where = found.directory.relative_to(base) if inside else None
         source_facts = {
-            "kind": kind, "tag": tag, "step": found.step, "directory": str(found.directory)
+            "kind": kind, "tag": tag, "step": found.step,
+            "checkpoint": str(where or found.directory.name),
         }  # fmt: skip
         write_weights(work, exported)
         del exported
@@ -210,8 +240,7 @@ def export(
         model.eval()
         log("checking the folder: transformers loads it and its logits are compared with ours")
         parity = check_parity(work, model, tokenizer, torch_dtype)
-        limit = TOLERANCE if torch_dtype == torch.float32 else float("inf")
-        if not parity["max_abs_diff"] <= limit:
+        if not parity["max_abs_diff"] <= TOLERANCE:
             raise StageFailed(
                 f"the exported model's logits differ from ours by {parity['max_abs_diff']:.3g} "
                 f"(allowed {TOLERANCE}): the folder was not kept"
@@ -224,6 +253,7 @@ def export(
             Path(base) / "report", parity,
         )  # fmt: skip
         (work / "README.md").write_text(card, encoding="utf-8")
+        _sync_folder(work)
         _replace(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -236,12 +266,22 @@ def export(
 
 
 def _replace(work: Path, dest: Path) -> None:
-    """Put ``work`` in place of ``dest``: a rename, with the old export moved aside first
-    and removed only once the new one is in place."""
+    """Put ``work`` in place of ``dest``: a rename, with the old export moved aside first,
+    put back if the new one cannot take its place, removed once it has."""
     old = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        os.replace(dest, old)
-    os.replace(work, dest)
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old)  # an empty folder is replaced by the old export
+    try:
+        os.replace(work, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the renames themselves reach the disk
+    finally:
+        os.close(folder)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

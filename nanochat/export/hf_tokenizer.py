@@ -30,8 +30,17 @@ EOS = "<|assistant_end|>"  # where a reply ends: generation stops here (and at B
 
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system=none, turn=0) -%}"
+    "{%- if messages | length == 0 -%}"
+    "{{- raise_exception('a conversation has at least one message') -}}"
+    "{%- endif -%}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown role ' + message['role'] | string) -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] != 'assistant' and message['content'] is not string -%}"
+    "{{- raise_exception(message['role'] + ' content must be a string') -}}"
+    "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
     "{%- if not loop.first -%}"
     "{{- raise_exception('a system message may only come first') -}}"
@@ -55,8 +64,14 @@ CHAT_TEMPLATE = (
     "{{- '<|assistant_start|>' -}}"
     "{%- if message['content'] is string -%}"
     "{{- message['content'] -}}"
-    "{%- else -%}"
+    "{%- elif message['content'] is sequence and message['content'] is not mapping -%}"
     "{%- for part in message['content'] -%}"
+    "{%- if part is not mapping or part['type'] not in ['text', 'python', 'python_output'] -%}"
+    "{{- raise_exception('assistant parts are text, python or python_output') -}}"
+    "{%- endif -%}"
+    "{%- if part['text'] is not string -%}"
+    "{{- raise_exception('a ' + part['type'] + ' part needs a string text') -}}"
+    "{%- endif -%}"
     "{%- if part['type'] == 'python' -%}"
     "{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
     "{%- elif part['type'] == 'python_output' -%}"
@@ -65,11 +80,16 @@ CHAT_TEMPLATE = (
     "{{- part['text'] -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- else -%}"
+    "{{- raise_exception('assistant content must be a string or a list of parts') -}}"
     "{%- endif -%}"
     "{{- '<|assistant_end|>' -}}"
     "{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if ns.system is not none -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}"
+    "{%- endif -%}"
     "{%- if add_generation_prompt -%}"
     "{{- '<|assistant_start|>' -}}"
     "{%- endif -%}"
@@ -113,7 +133,7 @@ def fast_tokenizer(tokenizer_folder: Path, tokenizer: Tokenizer, max_length: int
         tokenizer_object=converted,
         bos_token=BOS,
         eos_token=EOS,
-        pad_token=BOS,
+        pad_token=EOS,  # a stop token: see hf_folder.write_config
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS, EOS)],
         chat_template=CHAT_TEMPLATE,
         model_max_length=max_length,

@@ -11,11 +11,13 @@ so tools that address modules by name (LoRA targets, quantizers) find the usual 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 
 from nanochat.common import UsageError
+from nanochat.export import EXPORT_DTYPES
 from nanochat.model.attention import (
     QK_SCALE,
     ROTARY_BASE,
@@ -35,7 +37,11 @@ AUTO_MAP = {
     "AutoModel": "modeling_nanochat_full.NanochatFullModel",
     "AutoModelForCausalLM": "modeling_nanochat_full.NanochatFullForCausalLM",
 }
-STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # the engine's stops (nanochat.inference.engine)
+# GPTConfig fields this export knows how to carry: a new one stops it until it is taught.
+KNOWN_CONFIG = {
+    "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len",
+    "window_pattern", "residual_scalars", "value_embeds", "smear", "backout",
+}  # fmt: skip
 
 # (our key pattern, the exported key); groups carry the layer number.
 RENAMES = (
@@ -55,7 +61,7 @@ RENAMES = (
     (r"smear_lambda", "model.smear_lambda"),
     (r"backout_lambda", "model.backout_lambda"),
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPES}
 
 
 def exported_name(key: str) -> str:
@@ -81,7 +87,18 @@ def hf_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
 
 
 def hf_config_fields(config: GPTConfig, tokenizer: Tokenizer) -> dict:
-    """The fields of ``NanochatFullConfig`` that describe ``config`` (and the token ids)."""
+    """The fields of ``NanochatFullConfig`` that describe ``config``, the token ids, and
+    ``stop_token_ids`` (the engine's stops, for the generation config). UsageError for a
+    GPTConfig field this export does not know (a feature without weights of its own would
+    otherwise be dropped without a word)."""
+    from nanochat.inference.engine import STOP_TOKENS
+
+    unknown = sorted({f.name for f in dataclasses.fields(config)} - KNOWN_CONFIG)
+    if unknown:
+        raise UsageError(
+            f"the model has settings the export does not know ({', '.join(unknown)}): this "
+            "nanochat cannot export it faithfully"
+        )
     layers = config.n_layer
     value_layers = [i for i in range(layers) if has_value_embed(i, layers)]
     return {
@@ -105,8 +122,9 @@ def hf_config_fields(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "backout": config.backout,
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.special_id("<|assistant_end|>"),
-        "pad_token_id": tokenizer.bos_id,
+        "pad_token_id": tokenizer.special_id("<|assistant_end|>"),
         "tie_word_embeddings": False,
+        "stop_token_ids": [tokenizer.special_id(name) for name in STOP_TOKENS],
     }
 
 

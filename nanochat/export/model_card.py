@@ -15,6 +15,12 @@ from nanochat.report import find_sections, load_record, summary_table
 
 # The report sections whose facts describe how the model was made, in pipeline order.
 TRAINING_SECTIONS = ("tokenizer", "pretrain", "midtrain", "sft", "rl")
+STAGE_WORDS = {
+    "base": "base model (pretrained only: it continues text, it does not chat)",
+    "mid": "chat model after midtraining (conversation tokens, tool use)",
+    "sft": "chat model after supervised fine-tuning",
+    "rl": "chat model after SFT and reinforcement learning on GSM8K",
+}
 SHOWN_RUN_CONFIG = ("depth", "seq_len", "total_batch", "num_steps", "ratio", "dataset", "tasks")
 
 
@@ -43,9 +49,8 @@ def model_card(
         "",
         f"# {name}",
         "",
-        f"A {config.n_layer}-layer chat model trained end to end with nanochat "
-        "(tokenizer, pretraining, midtraining, SFT, optional RL) and exported with "
-        "`make export`.",
+        f"A {config.n_layer}-layer {STAGE_WORDS.get(checkpoint.get('kind'), 'model')}, "
+        "trained from raw text with nanochat and exported with `make export`.",
         "",
         "## Use it",
         "",

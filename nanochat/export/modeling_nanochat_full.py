@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 LOCAL_ATTENTION = (None, "eager", "sdpa")  # both run torch's SDPA with the model's own masks
 
@@ -186,7 +186,8 @@ class NanochatFullPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["NanochatFullDecoderLayer"]
     _supports_sdpa = True
-    _supports_attention_backend = True
+    # Not the attention interface vLLM's transformers backend needs: check_inputs says why.
+    _supports_attention_backend = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -202,6 +203,26 @@ class NanochatFullPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.smear_lambda)
             if self.config.backout:
                 init.zeros_(module.backout_lambda)
+
+
+def check_inputs(config, attention_mask, cache, options: dict) -> None:
+    """Refuse, in one line, what this model would otherwise ignore or get wrong."""
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in LOCAL_ATTENTION:
+        raise ValueError(
+            f"nanochat_full runs with attn_implementation 'sdpa' or 'eager', not {impl!r}: "
+            "its smear (previous-token state) and per-layer windows would be lost"
+        )
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("nanochat_full takes a 2-D attention_mask (1 = token, 0 = padding)")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"nanochat_full decodes with a DynamicCache, not {type(cache).__name__} "
+            "(cache_implementation='static' and friends are not supported)"
+        )
+    asked = [name for name in ("output_attentions", "output_hidden_states") if options.get(name)]
+    if asked:
+        raise ValueError(f"nanochat_full does not return {', '.join(asked)}")
 
 
 def window_mask(past: int, length: int, window, keep_keys, device) -> torch.Tensor | None:
@@ -271,20 +292,17 @@ class NanochatFullModel(NanochatFullPreTrainedModel):
             return torch.cat((x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]), dim=1)
         return x + gate * torch.cat((before.to(x.dtype), x[:, :-1]), dim=1)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        impl = getattr(self.config, "_attn_implementation", None)
-        if impl not in LOCAL_ATTENTION:
-            raise ValueError(
-                f"nanochat_full runs with attn_implementation 'sdpa' or 'eager', not {impl!r}: "
-                "its smear (previous-token state) and per-layer windows would be lost"
-            )
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, **kwargs
+    ) -> BaseModelOutputWithPast:
+        check_inputs(self.config, attention_mask, cache, kwargs)
         batch, length = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=input_ids.device)[None]
         cos, sin = self.rotary(position_ids)
         keep_keys = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.all():
+        if attention_mask is not None and not attention_mask.all():
             keep_keys = attention_mask[:, -(past + length) :].bool()
         masks = {
             w: window_mask(past, length, w, keep_keys, input_ids.device)
@@ -307,7 +325,7 @@ class NanochatFullModel(NanochatFullPreTrainedModel):
                 middle = x
         if self.config.backout:
             x = x - (self.backout_lambda * middle).to(x.dtype)
-        return rms_norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=rms_norm(x), cache=cache)
 
 
 class NanochatFullForCausalLM(NanochatFullPreTrainedModel, GenerationMixin):
@@ -342,7 +360,9 @@ class NanochatFullForCausalLM(NanochatFullPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
-        hidden = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None)
+        cache = cache if use_cache else None
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, **kwargs)
+        hidden = hidden.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         cap = self.config.final_logit_softcapping
@@ -355,7 +375,7 @@ class NanochatFullForCausalLM(NanochatFullPreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
 
 __all__ = ["NanochatFullConfig", "NanochatFullForCausalLM", "NanochatFullModel"]

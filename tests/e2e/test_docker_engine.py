@@ -86,6 +86,26 @@ def test_stages_run_in_containers_and_leave_the_callers_files(smoke):
     assert not left_over  # every container was removed
 
 
+def test_export_in_a_container_writes_the_folder_as_the_caller(image, smoke):
+    """`make export BACKEND=docker`: the folder lands under BASE_DIR/export, written as the
+    caller, after transformers loaded it back inside the container (HOME=/tmp holds its
+    module cache)."""
+    client, _, args = image
+    base, result, _ = smoke
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = run_cli(
+        ["make", "export", "PRESET=smoke", "BACKEND=docker", "DEST=smoke-base", f"BASE_DIR={base}"],
+        env={docker_image.BUILD_ARGS_ENV: args},
+        timeout=600,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "max |logit difference|" in export.stdout + export.stderr
+    folder = base / "export" / "smoke-base"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    for path in folder.iterdir():
+        assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid()), path
+
+
 def test_two_nodes_in_containers_on_the_hosts_network(image, smoke, tmp_path):
     """`make pretrain PRESET=smoke BACKEND=docker NODES=2` twice on this machine: each node's
     container shares the host's network (--network host), so node 1 reaches node 0's
@@ -223,7 +243,8 @@ def test_killing_the_launchers_group_stops_and_removes_its_container(image, smok
 def test_the_image_has_what_the_readme_promises(image):
     client, tag, _ = image
     probe = (
-        "import os, shutil, wandb, torchao.float8, tiktoken, rustbpe, torch; "
+        "import os, shutil, wandb, torchao.float8, tiktoken, rustbpe, torch, transformers, "
+        "safetensors, huggingface_hub; "
         "print(torch.__version__, shutil.which('cargo') is not None, "
         "os.environ.get('OMP_NUM_THREADS'), os.environ['NANOCHAT_BASE_DIR'])"
     )

@@ -10,6 +10,7 @@ was not reached. Bad input is one line and exit 2, before anything is read or se
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -67,13 +68,21 @@ def test_push_hub_uploads_the_export_privately(base_dir, hub):
     assert hub.created == [
         {"name": "tiny-chat", "organization": "me", "visibility": "private", "type": "model"}
     ]
-    assert hub.files == {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert hub.files("me/tiny-chat") == {p.name: p.read_bytes() for p in folder.iterdir()}
     assert "hf_stand_in" not in result.stdout + result.stderr  # the token is never printed
-    public = run_cli(
-        [*MAKE, "push-hub", "REPO=me/tiny-chat", "DEST=mine", "ARGS=--public"], env=env
-    )
+    # An older upload's file the folder no longer has goes; --public makes the repo public.
+    hub.repos["me/tiny-chat"]["files"]["model-00001-of-00002.safetensors"] = b"stale"
+    # A crashed export's work folder (newer, marked, never checked) is not a candidate.
+    crashed = shutil.copytree(folder, base_dir / "export" / ".mine.export-crashed")
+    (crashed / "README.md").write_text("---\ntags: [unchecked]\n---\n")
+    public = run_cli([*MAKE, "push-hub", "REPO=me/tiny-chat", "ARGS=--public"], env=env)
     assert public.returncode == 0, public.stderr
-    assert hub.created[-1]["visibility"] == "public" and len(hub.commits) == 2
+    assert hub.files("me/tiny-chat") == {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert hub.repos["me/tiny-chat"]["private"] is False and len(hub.created) == 1
+    hub.refuse = 401  # a bad token: one line, exit 1
+    refused = run_cli([*MAKE, "push-hub", "REPO=me/tiny-chat"], env=env)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error")]
+    assert refused.returncode == 1 and len(errors) == 1 and "401" in errors[0], refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from nanochat.data import shards
 
-Answer = tuple[int, bytes]  # (HTTP status, body)
+Answer = tuple  # (HTTP status, body) or (HTTP status, body, {header: value})
 
 
 class ScriptedHub:
@@ -35,22 +35,31 @@ class ScriptedHub:
             def do_GET(self):
                 with hub._lock:
                     hub.requests.append(("GET", self.path, b""))
-                    script = hub.answers.get(hub.key(self.path))
-                    answer = (script.pop(0) if len(script) > 1 else script[0]) if script else None
+                    answer = hub.get(self.path)
                 self._answer(answer, "application/octet-stream")
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with hub._lock:
                     hub.requests.append(("POST", self.path, body))
-                self._answer(hub.post(self.path, body), "application/json")
+                    answer = hub.post(self.path, body)
+                self._answer(answer, "application/json")
+
+            def do_PUT(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with hub._lock:
+                    hub.requests.append(("PUT", self.path, body))
+                    answer = hub.put(self.path, body)
+                self._answer(answer, "application/json")
 
             def _answer(self, answer: Answer | None, kind: str):
                 if answer is None:
                     self.send_error(404)
                     return
-                status, body = answer
+                status, body, *more = answer
                 self.send_response(status)
+                for name, value in (more[0] if more else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -68,7 +77,15 @@ class ScriptedHub:
         """Which answers a GET of ``path`` takes: the path itself."""
         return path
 
+    def get(self, path: str) -> Answer | None:
+        """A GET's answer: the next scripted one for ``key(path)``."""
+        script = self.answers.get(self.key(path))
+        return (script.pop(0) if len(script) > 1 else script[0]) if script else None
+
     def post(self, path: str, body: bytes) -> Answer | None:
+        return None
+
+    def put(self, path: str, body: bytes) -> Answer | None:
         return None
 
     def gets(self) -> list[str]:
@@ -147,56 +164,110 @@ class ParquetHub(ScriptedHub):
 
 
 class UploadHub(ScriptedHub):
-    """The Hub's model-upload API as ``huggingface_hub`` speaks it: POST /api/repos/create
-    (the repository's name and visibility), POST /api/models/<repo>/preupload/main (every file
-    answered "regular": carried inside the commit, so no LFS or Xet storage is involved), and
-    POST /api/models/<repo>/commit/main (the commit as NDJSON, files base64 inside), and the
-    model card's check, POST /api/validate-yaml (its header must be a YAML mapping).
-    ``created`` and ``commits`` record what arrived; ``files`` is the last commit's content."""
+    """The Hub's model API as ``huggingface_hub`` speaks it for an upload, over repositories
+    kept in ``repos`` (id -> {"private", "files": path -> bytes}):
+    GET /api/models/<repo> (its info, 404 when missing), POST /api/repos/create, PUT
+    /api/models/<repo>/settings (visibility), POST /api/validate-yaml (the card's header must
+    be a YAML mapping), GET /api/models/<repo>/tree/main (the file listing), POST
+    .../preupload/main (every file "regular": carried inside the commit, so no LFS or Xet
+    storage is involved) and POST .../commit/main (NDJSON: files added base64, files
+    deleted). ``created`` and ``commits`` record what arrived; ``refuse`` makes every
+    request fail with that HTTP status (a bad token)."""
 
     def __init__(self):
+        self.repos: dict[str, dict] = {}
         self.created: list[dict] = []
         self.commits: list[dict] = []
+        self.refuse: int | None = None
         super().__init__()
 
-    @property
-    def files(self) -> dict[str, bytes]:
-        return self.commits[-1]["files"] if self.commits else {}
+    def files(self, repo: str) -> dict[str, bytes]:
+        return self.repos[repo]["files"] if repo in self.repos else {}
+
+    @staticmethod
+    def _repo(path: str) -> str:
+        rest = path.split("?", 1)[0].split("/api/models/", 1)[1]
+        return "/".join(rest.split("/")[:2])
+
+    def _json(self, value, status: int = 200) -> Answer:
+        return status, json.dumps(value).encode()
+
+    def get(self, path: str) -> Answer | None:
+        if self.refuse:
+            return self._json({"error": "refused"}, self.refuse)
+        if not path.startswith("/api/models/"):
+            return None
+        repo = self._repo(path)
+        if repo not in self.repos:  # the header is how huggingface_hub tells "no such repo"
+            return *self._json({"error": "Repository not found"}, 404), {
+                "X-Error-Code": "RepoNotFound"
+            }
+        files = self.repos[repo]["files"]
+        if "/tree/" in path:
+            listing = [
+                {
+                    "type": "file",
+                    "path": name,
+                    "size": len(data),
+                    "oid": hashlib.sha1(data).hexdigest(),
+                }
+                for name, data in sorted(files.items())
+            ]
+            return self._json(listing)
+        info = {"id": repo, "private": self.repos[repo]["private"], "sha": "0" * 40}
+        return self._json({**info, "siblings": [{"rfilename": name} for name in files]})
+
+    def put(self, path: str, body: bytes) -> Answer | None:
+        if self.refuse:
+            return self._json({"error": "refused"}, self.refuse)
+        if path.endswith("/settings") and self._repo(path) in self.repos:
+            settings = json.loads(body)
+            private = settings.get("visibility", "private") == "private"
+            self.repos[self._repo(path)]["private"] = settings.get("private", private)
+            return self._json({})
+        return None
 
     def post(self, path: str, body: bytes) -> Answer | None:
         import base64
 
+        import yaml
+
+        if self.refuse:
+            return self._json({"error": "refused"}, self.refuse)
         if path.startswith("/api/repos/create"):
             request = json.loads(body)
             self.created.append(request)
             repo = f"{request.get('organization') or 'user'}/{request['name']}"
-            return 200, json.dumps({"url": f"{self.url}/{repo}", "name": repo}).encode()
-        if path.startswith("/api/validate-yaml"):  # the model card's YAML header, as a mapping
-            import yaml
-
+            self.repos.setdefault(
+                repo, {"private": request["visibility"] == "private", "files": {}}
+            )
+            return self._json({"url": f"{self.url}/{repo}", "name": repo})
+        if path.startswith("/api/validate-yaml"):
             content = json.loads(body)["content"]
             header = content.split("---")[1] if content.startswith("---") else ""
-            parsed = yaml.safe_load(header) if header else None
-            if not isinstance(parsed, dict):
-                return 400, json.dumps({"errors": [{"message": "no YAML mapping"}]}).encode()
-            return 200, json.dumps({"errors": [], "warnings": []}).encode()
+            if not isinstance(yaml.safe_load(header) if header else None, dict):
+                return self._json({"errors": [{"message": "no YAML mapping"}]}, 400)
+            return self._json({"errors": [], "warnings": []})
         if "/preupload/" in path:
             files = json.loads(body)["files"]
             modes = [
                 {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
             ]
-            return 200, json.dumps({"files": modes}).encode()
+            return self._json({"files": modes})
         if "/commit/" in path:
+            repo = self._repo(path)
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-            header = next(line["value"] for line in lines if line["key"] == "header")
-            files = {
+            added = {
                 line["value"]["path"]: base64.b64decode(line["value"]["content"])
                 for line in lines
                 if line["key"] == "file"
             }
-            self.commits.append({"path": path, "header": header, "files": files})
+            deleted = [line["value"]["path"] for line in lines if line["key"] == "deletedFile"]
+            files = self.repos[repo]["files"]
+            for name in deleted:
+                files.pop(name, None)
+            files.update(added)
+            self.commits.append({"repo": repo, "added": sorted(added), "deleted": sorted(deleted)})
             oid = hashlib.sha1(body).hexdigest()
-            repo = path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
-            answer = {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid}
-            return 200, json.dumps(answer).encode()
+            return self._json({"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid})
         return None

@@ -137,8 +137,22 @@ def test_chat_template_renders_what_we_render(tokenizer, tmp_path):
     ]
     ours, _ = tok.render_conversation({"messages": system})
     assert hf.apply_chat_template(system, tokenize=True)["input_ids"] == ours
-    with pytest.raises(Exception, match="alternate"):
-        hf.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
+    refused = {  # each is refused by render_conversation too
+        "alternate": [{"role": "assistant", "content": "x"}],
+        "at least one message": [],
+        "followed by a user": [{"role": "system", "content": "x"}],
+        "must be a string": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        "parts are text, python": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": [{"type": "image", "text": "x"}]},
+        ],
+        "unknown role": [{"role": "tool", "content": "x"}],
+    }
+    for says, messages in refused.items():
+        with pytest.raises(Exception, match=says):
+            hf.apply_chat_template(messages, tokenize=False)
+        with pytest.raises(ValueError):
+            tok.render_conversation({"messages": messages})
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -160,34 +174,70 @@ def test_logits_match_ours(exported, tokenizer):
     assert worst <= TOLERANCE
 
 
+def greedy(engine, prompt: list[int], steps: int) -> list[int]:
+    return [row[0] for row, _ in engine.generate(prompt, max_tokens=steps, temperature=0)]
+
+
 def test_greedy_generation_matches_our_engine(exported, tokenizer):
+    """32 tokens from a short prompt, and 32 more from one that fills the sliding window
+    (64 positions here), so cached decoding past the window is compared too."""
     from nanochat.inference.engine import Engine
+    from nanochat.model.gpt import short_window
 
     model, folder = exported
     theirs, _ = load(folder)
     _, tok = tokenizer
     engine = Engine(model, tok)
-    for text in ("The capital of France is", "emoji 🍕 and 東京"):
-        prompt = tok.encode(text, prepend="<|bos|>")
-        ours = [row[0] for row, _ in engine.generate(prompt, max_tokens=32, temperature=0)]
+    window = short_window(model.config)
+    long_prompt = tok.encode(" ".join(ROUND_TRIP) * 4, prepend="<|bos|>")[: window - 8]
+    for prompt in (tok.encode("The capital of France is", prepend="<|bos|>"), long_prompt):
+        ours = greedy(engine, prompt, 32)
         out = theirs.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
         assert len(ours) == 32
         assert out[0, len(prompt) :].tolist() == ours
+    assert len(long_prompt) + 32 > window
 
 
-def test_left_padded_batch_matches_each_prompt_alone(exported):
-    _, folder = exported
+def test_left_padded_batch_matches_our_engine_per_prompt(exported, tokenizer):
+    from nanochat.inference.engine import Engine
+
+    model, folder = exported
     theirs, hf = load(folder)
+    _, tok = tokenizer
     hf.padding_side = "left"
     prompts = ["short one", "a much longer prompt, " * 12]
-    alone = []
-    for text in prompts:
-        ids = hf(text, return_tensors="pt")
-        out = theirs.generate(**ids, max_new_tokens=16, do_sample=False)
-        alone.append(out[0, ids["input_ids"].shape[1] :].tolist())
+    ours = [greedy(Engine(model, tok), tok.encode(p, prepend="<|bos|>"), 16) for p in prompts]
     batch = hf(prompts, return_tensors="pt", padding=True)
     out = theirs.generate(**batch, max_new_tokens=16, do_sample=False)
-    assert out[:, batch["input_ids"].shape[1] :].tolist() == alone
+    assert out[:, batch["input_ids"].shape[1] :].tolist() == ours
+
+
+def test_generation_without_a_mask_or_with_other_stops_is_unchanged(exported, tokenizer):
+    """The pad token is a stop token: transformers never guesses a mask that hides BOS."""
+    _, folder = exported
+    theirs, _ = load(folder)
+    _, tok = tokenizer
+    prompt = torch.tensor([tok.encode("The capital of France is", prepend="<|bos|>")])
+    plain = theirs.generate(prompt, max_new_tokens=16, do_sample=False)
+    end = tok.special_id("<|assistant_end|>")
+    other = theirs.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=end)
+    assert plain.tolist() == other.tolist()
+
+
+def test_inputs_it_would_get_wrong_are_refused(exported):
+    from transformers import StaticCache
+
+    _, folder = exported
+    theirs, _ = load(folder)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="input_ids"):
+        theirs(inputs_embeds=torch.zeros(1, 3, theirs.config.hidden_size))
+    with pytest.raises(ValueError, match="2-D attention_mask"):
+        theirs(ids, attention_mask=torch.ones(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="output_attentions"):
+        theirs(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="DynamicCache"):
+        theirs(ids, cache=StaticCache(config=theirs.config, max_cache_len=8))
 
 
 def test_folder_holds_what_tools_expect(exported, tokenizer):
@@ -225,12 +275,17 @@ def test_folder_holds_what_tools_expect(exported, tokenizer):
 # --- refusals, atomicity, shards, dtypes -------------------------------------------------------
 
 
-def test_a_weight_the_export_does_not_know_is_refused():
+def test_a_weight_or_setting_the_export_does_not_know_is_refused(tokenizer, monkeypatch):
     assert hf_weights.exported_name("blocks.3.attn.c_q.weight") == (
         "model.layers.3.self_attn.q_proj.weight"
     )
     with pytest.raises(UsageError, match="blocks.0.attn.new_feature.weight"):
         hf_weights.hf_state({"blocks.0.attn.new_feature.weight": torch.zeros(2)}, torch.float32)
+    _, tok = tokenizer
+    config = config_for_depth(2, tok.vocab_size)
+    monkeypatch.setattr(hf_weights, "KNOWN_CONFIG", hf_weights.KNOWN_CONFIG - {"smear"})
+    with pytest.raises(UsageError, match="settings the export does not know \\(smear\\)"):
+        hf_weights.hf_config_fields(config, tok)
 
 
 def test_dest_with_other_files_is_refused_and_untouched(tokenizer, tmp_path):
@@ -245,6 +300,17 @@ def test_dest_with_other_files_is_refused_and_untouched(tokenizer, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="is a file"):
         hf_folder.export(base, "sft", "dest", dest=tmp_path / "file")
+    with pytest.raises(UsageError, match="cannot be made"):
+        hf_folder.export(base, "sft", "dest", dest=tmp_path / "file" / "inside")
+    (tmp_path / "link").symlink_to(dest)
+    with pytest.raises(UsageError, match="symbolic link"):
+        hf_folder.export(base, "sft", "dest", dest=tmp_path / "link")
+    # An export with something added to it (a git clone of the Hub repo, notes) is not ours.
+    export = hf_folder.export(base, "sft", "dest", dest=tmp_path / "export").folder
+    (export / ".git").mkdir()
+    with pytest.raises(UsageError, match="not a nanochat export"):
+        hf_folder.export(base, "sft", "dest", dest=export)
+    assert (export / ".git").is_dir() and (export / "model.safetensors").is_file()
 
 
 def test_a_failed_check_keeps_nothing_and_a_rerun_replaces(tokenizer, tmp_path, monkeypatch):
@@ -253,9 +319,10 @@ def test_a_failed_check_keeps_nothing_and_a_rerun_replaces(tokenizer, tmp_path, 
     dest = tmp_path / "out"
     hf_folder.export(base, "sft", "check", dest=dest)
     before = (dest / "model.safetensors").read_bytes()
-    monkeypatch.setattr(hf_folder, "TOLERANCE", -1.0)  # no folder can pass
-    with pytest.raises(StageFailed, match="not kept"):
-        hf_folder.export(base, "sft", "check", dest=dest)
+    monkeypatch.setattr(hf_folder, "TOLERANCE", -1.0)  # no folder can pass, whatever its dtype
+    for dtype in ("float32", "bfloat16"):
+        with pytest.raises(StageFailed, match="not kept"):
+            hf_folder.export(base, "sft", "check", dest=dest, dtype=dtype)
     assert (dest / "model.safetensors").read_bytes() == before  # the old export stands
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left
     monkeypatch.setattr(hf_folder, "TOLERANCE", 1e-4)
