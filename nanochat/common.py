@@ -154,6 +154,29 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_arguments(parser) -> None:
+    """The flags that pick the checkpoint a stage loads, the same in every script that loads
+    one by kind (chat-cli, chat-eval, chat-web, export): ``-i/--source`` (base, mid, sft, rl
+    or auto, the most trained kind there is), ``--tag`` and ``--step``. ``parser`` may be an
+    argument group."""
+    parser.add_argument(
+        "-i",
+        "--source",
+        choices=(*CHECKPOINT_KINDS, "auto"),
+        default="auto",
+        help="which stage's checkpoint: base, mid, sft, rl, or auto = the first of rl, sft, "
+        "mid, base that exists (default: auto)",
+    )
+    parser.add_argument(
+        "--tag", help="checkpoint folder, e.g. d20 (default: the most recently written one)"
+    )
+    parser.add_argument(
+        "--step",
+        type=non_negative_int,
+        help="training step of the checkpoint (default: the latest complete one)",
+    )
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = non_negative_float(text)

@@ -219,6 +219,11 @@ def load_record(report_dir: Path, stage: str) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def load_records(report_dir: Path) -> dict[str, dict]:
+    """Every section's JSON companion, by stage, in pipeline order."""
+    return {stage: load_record(report_dir, stage) for stage in find_sections(report_dir)}
+
+
 def metric(record: dict, name: str) -> float | None:
     """A table number: the section's ``metrics[name]`` (stages write their numbers as data)."""
     value = (record.get("metrics") or {}).get(name)

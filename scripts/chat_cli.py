@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 from nanochat.common import (
-    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
+    add_checkpoint_arguments,
     base_dir,
     log,
     non_negative_float,
@@ -40,7 +40,6 @@ from nanochat.common import (
 )
 from nanochat.inference.prompt_fit import PromptTooLong, fit_conversation
 
-SOURCE_CHOICES = (*CHECKPOINT_KINDS, "auto")
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_K = 50
 DEFAULT_MAX_TOKENS = 512
@@ -62,14 +61,7 @@ def build_parser() -> CliParser:
         prog="python -m scripts.chat_cli",
         description="Chat with a trained checkpoint in the terminal (stage chat-cli).",
     )
-    parser.add_argument(
-        "-i",
-        "--source",
-        choices=SOURCE_CHOICES,
-        default="auto",
-        help="which stage's checkpoint: base, mid, sft, rl, or auto = the first of rl, sft, "
-        "mid, base that exists (default: auto)",
-    )
+    add_checkpoint_arguments(parser)
     parser.add_argument("-p", "--prompt", help="ask one question, stream the answer, exit")
     parser.add_argument(
         "-t",
@@ -91,14 +83,6 @@ def build_parser() -> CliParser:
         default=DEFAULT_MAX_TOKENS,
         help="longest reply in tokens; the model's context may cut it shorter "
         f"(default: {DEFAULT_MAX_TOKENS})",
-    )
-    parser.add_argument(
-        "--tag", help="checkpoint folder, e.g. d20 (default: the most recently written one)"
-    )
-    parser.add_argument(
-        "--step",
-        type=non_negative_int,
-        help="training step of the checkpoint (default: the latest complete one)",
     )
     parser.add_argument(
         "--seed", type=int, help="seed of the first reply, +1 per reply (default: random)"

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from nanochat.common import (
-    CHECKPOINT_KINDS,
     CliParser,
+    add_checkpoint_arguments,
     base_dir,
     log,
     non_negative_float,
@@ -37,8 +37,6 @@ from nanochat.evaluation.chat_eval import (
     score_tasks,
 )
 
-SOURCES = CHECKPOINT_KINDS
-
 # --- the stage ------------------------------------------------------------------------------
 
 
@@ -48,13 +46,7 @@ def build_parser() -> CliParser:
         description="Evaluate a chat checkpoint: ARC, MMLU, GSM8K, HumanEval, ChatCORE "
         "(stage chat-eval).",
     )
-    parser.add_argument(
-        "-i",
-        "--source",
-        default="auto",
-        choices=(*SOURCES, "auto"),
-        help="which stage's checkpoint (default auto: the newest of rl, sft, mid, base)",
-    )
+    add_checkpoint_arguments(parser)
     parser.add_argument(
         "-a",
         "--task-names",
@@ -87,8 +79,6 @@ def build_parser() -> CliParser:
         default=0.0,
         help="sampling temperature for generative tasks (default: 0 = greedy)",
     )
-    parser.add_argument("--tag", help="checkpoint folder (default: the most recent one)")
-    parser.add_argument("--step", type=positive_int, help="checkpoint step (default: latest)")
     return parser
 
 

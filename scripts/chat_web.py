@@ -83,8 +83,8 @@ import argparse
 import os
 
 from nanochat.common import (
-    CHECKPOINT_KINDS,
     CliParser,
+    add_checkpoint_arguments,
     base_dir,
     log,
     non_negative_int,
@@ -95,9 +95,6 @@ from nanochat.serve.api import DEFAULT_MAX_TOKENS_LIMIT, MAX_BODY_BYTES
 from nanochat.serve.app import API_KEY_ENV, Service, check_address, load_workers, run_server
 from nanochat.serve.http_guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, is_loopback
 from nanochat.serve.pool import DEFAULT_QUEUE, WorkerPool
-
-SOURCES = ("auto", *CHECKPOINT_KINDS)
-
 
 # --- arguments ------------------------------------------------------------------------------
 
@@ -120,18 +117,7 @@ def build_parser() -> CliParser:
         f"over {MAX_BODY_BYTES} bytes get 413 as soon as they pass that. Set "
         f"${API_KEY_ENV} to require 'Authorization: Bearer <key>' on /v1/*.",
     )
-    ckpt = parser.add_argument_group("checkpoint")
-    ckpt.add_argument(
-        "--source",
-        choices=SOURCES,
-        default="auto",
-        help="which training stage's checkpoints: base, mid, sft, rl, or auto = the most "
-        "trained one that exists (default: auto)",
-    )
-    ckpt.add_argument("--tag", help="run folder, e.g. d20 (default: the newest)")
-    ckpt.add_argument(
-        "--step", type=non_negative_int, help="training step (default: the latest complete)"
-    )
+    add_checkpoint_arguments(parser.add_argument_group("checkpoint"))
     net = parser.add_argument_group("server")
     net.add_argument(
         "--host",

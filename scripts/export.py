@@ -20,11 +20,10 @@ import importlib.util
 from pathlib import Path
 
 from nanochat.common import (
-    CHECKPOINT_KINDS,
     CliParser,
     UsageError,
+    add_checkpoint_arguments,
     base_dir,
-    positive_int,
     run_main,
 )
 from nanochat.export import DEFAULT_DTYPE, EXPORT_DIR, EXPORT_DTYPES
@@ -37,16 +36,7 @@ def build_parser() -> CliParser:
         prog="python -m scripts.export",
         description="Export a checkpoint as a Hugging Face transformers folder (stage export).",
     )
-    parser.add_argument(
-        "-i",
-        "--source",
-        choices=(*CHECKPOINT_KINDS, "auto"),
-        default="auto",
-        help="which stage's checkpoint: base, mid, sft, rl, or auto = the most trained one "
-        "there is (default: auto)",
-    )
-    parser.add_argument("--tag", help="checkpoint folder (default: the most recent one)")
-    parser.add_argument("--step", type=positive_int, help="checkpoint step (default: latest)")
+    add_checkpoint_arguments(parser)
     parser.add_argument(
         "--dest",
         help="folder to write, new or a previous export (replaced whole); relative paths are "

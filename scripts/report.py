@@ -36,8 +36,7 @@ from nanochat.report import (
     CHAT_EVAL,
     OUTPUT,
     PIPELINE,
-    find_sections,
-    load_record,
+    load_records,
     summary_table,
 )
 
@@ -166,10 +165,10 @@ def build(base: Path) -> tuple[str, str]:
     from nanochat.report import git_commit
 
     report_dir = base / "report"
-    stages = find_sections(report_dir)
+    records = load_records(report_dir)
+    stages = list(records)
     if not stages:
         raise UsageError(f"no report sections in {report_dir}: run a stage first")
-    records = {stage: load_record(report_dir, stage) for stage in stages}
     older = [s for s in stages if s in TIMED or s.startswith(CHAT_EVAL)]
     older = [s for s in older if records[s] and "wall_seconds" not in records[s]]
     if older:  # sections from before stages wrote their numbers as data

@@ -18,22 +18,33 @@ are compared with our model's (its weights rounded to the folder's dtype) on a f
 one longer than the sliding window: a folder that does not compute what we do within
 ``TOLERANCE`` is never left behind, whatever its dtype. A destination that holds an export
 and nothing else is replaced whole (the old one is put back if the swap fails); one that
-holds anything else (notes, a git clone, another model) is refused, untouched.
+holds anything else (notes, a git clone, another model) is refused, untouched. One export at
+a time writes in a folder (a lock on it); a rerun after a kill removes what the killed one
+left beside its destination.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanochat.common import StageFailed, UsageError, check_free_space, human_bytes, log
+from nanochat.common import (
+    StageFailed,
+    UsageError,
+    check_free_space,
+    human_bytes,
+    lock_folder,
+    log,
+)
 from nanochat.export import DEFAULT_DTYPE, EXPORT_DIR, hf_weights
 from nanochat.export.hf_tokenizer import write_tokenizer
 
@@ -108,28 +119,25 @@ def _sync_folder(folder: Path) -> None:
         os.chmod(path, 0o644)
 
 
-def write_weights(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
-    """``model.safetensors``, or shards and their index above ``MAX_SHARD``; the file names."""
+def write_weights(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """``model.safetensors``, or shards and their index above ``MAX_SHARD``."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
-    files = list(split.filename_to_tensors)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        files.append("model.safetensors.index.json")
-    return files
 
 
-def write_config(folder: Path, fields: dict, dtype: str, source: dict) -> None:
+def write_config(folder: Path, fields: dict, stops: list[int], dtype: str, source: dict) -> None:
     from transformers import GenerationConfig
 
     from nanochat.export.modeling_nanochat_full import NanochatFullConfig
 
-    config = NanochatFullConfig(**{k: v for k, v in fields.items() if k != "stop_token_ids"})
+    config = NanochatFullConfig(**fields)
     config.architectures = [hf_weights.ARCHITECTURE]
     config.auto_map = dict(hf_weights.AUTO_MAP)
     config.dtype = dtype
@@ -137,7 +145,7 @@ def write_config(folder: Path, fields: dict, dtype: str, source: dict) -> None:
     config.save_pretrained(str(folder))
     generation = GenerationConfig(
         bos_token_id=fields["bos_token_id"],
-        eos_token_id=fields["stop_token_ids"],
+        eos_token_id=stops,
         # pad is a stop token: transformers then never guesses an attention mask from it
         pad_token_id=fields["pad_token_id"],
         do_sample=False,
@@ -199,19 +207,21 @@ def export(
     ``BASE_DIR/export/<kind>-<tag>``); UsageError for anything wrong, before any work."""
     from nanochat.export.model_card import model_card
     from nanochat.inference.engine import open_chat_checkpoint
-    from nanochat.model.gpt import build_model
     from nanochat.tokenizer import tokenizer_dir
     from nanochat.training import checkpoint
 
     base = Path(base)
     found, tokenizer, meta = open_chat_checkpoint(base, source, tag, step, other_flag="-i")
-    config = checkpoint.model_config(found, tokenizer.vocab_size)
     kind, tag = meta["source"], meta["tag"]
     dest = Path(dest) if dest is not None else default_dest(base, kind, tag)
     check_dest(dest)
     torch_dtype = hf_weights.DTYPES[dtype]
-    state = checkpoint.load_model_state(found, "cpu")
-    exported = hf_weights.hf_state(state, torch_dtype)  # refuses an unknown weight first
+    model = checkpoint.load_model(found, "cpu", tokenizer.vocab_size)  # float32, eval mode
+    config = model.config
+    # An unknown weight or setting is refused here, before any writing. In float32 the
+    # renamed tensors are the model's own, not a copy.
+    exported = hf_weights.hf_state(model.state_dict(), torch_dtype)
+    fields = hf_weights.hf_config_fields(config, tokenizer)
     size = sum(t.numel() * t.element_size() for t in exported.values())
     check_free_space(dest, size + (1 << 20))
     log(
@@ -219,9 +229,7 @@ def export(
         f"weights) to {dest}"
     )
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
-    try:
+    with work_folder(dest) as work:
         inside = found.directory.is_relative_to(base)
         where = found.directory.relative_to(base) if inside else None
         source_facts = {
@@ -230,14 +238,12 @@ def export(
         }  # fmt: skip
         write_weights(work, exported)
         del exported
-        write_config(work, hf_weights.hf_config_fields(config, tokenizer), dtype, source_facts)
+        stops = hf_weights.stop_token_ids(tokenizer)
+        write_config(work, fields, stops, dtype, source_facts)
         shutil.copyfile(
             Path(__file__).with_name(hf_weights.MODELING_FILE), work / hf_weights.MODELING_FILE
         )
         write_tokenizer(work, tokenizer_dir(base), tokenizer, config.sequence_len)
-        model = build_model(config, "cpu")
-        model.load_state_dict({k.removeprefix("_orig_mod."): v.float() for k, v in state.items()})
-        model.eval()
         log("checking the folder: transformers loads it and its logits are compared with ours")
         parity = check_parity(work, model, tokenizer, torch_dtype)
         if not parity["max_abs_diff"] <= TOLERANCE:
@@ -249,20 +255,34 @@ def export(
             **source_facts, "run_config": meta.get("run_config"), "val_bpb": meta.get("val_bpb")
         }  # fmt: skip
         card = model_card(
-            f"nanochat {kind} {tag}", config, hf_weights.features(config), facts,
-            Path(base) / "report", parity,
+            f"nanochat {kind} {tag}", config, facts, base / "report", parity,
         )  # fmt: skip
         (work / "README.md").write_text(card, encoding="utf-8")
         _sync_folder(work)
         _replace(work, dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     log(
         f"exported to {dest}: max |logit difference| {parity['max_abs_diff']:.2e} on "
         f"{parity['prompts']} prompts (up to {parity['longest']} tokens)"
     )
     return Exported(dest, parity)
+
+
+@contextlib.contextmanager
+def work_folder(dest: Path) -> Iterator[Path]:
+    """A hidden temp folder beside ``dest`` to write the export in, removed unless it took
+    ``dest``'s place. Under a lock on the parent (one export at a time writes there), after
+    removing what a killed export of ``dest`` left: its work folder, or the old export it
+    had moved aside (never a complete export; gigabytes each)."""
+    with lock_folder(dest.parent):
+        for prefix in (f".{dest.name}.export-", f".{dest.name}.old-"):
+            for folder in dest.parent.glob(prefix + "*"):
+                log(f"removing {folder}, left by an export that was stopped")
+                shutil.rmtree(folder, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # gone already once it is in place
 
 
 def _replace(work: Path, dest: Path) -> None:

@@ -77,22 +77,18 @@ def exported_name(key: str) -> str:
 
 
 def hf_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Our model state (``_orig_mod.`` prefixes removed) renamed and cast to ``dtype``;
-    every tensor contiguous and owning its memory, as safetensors wants."""
-    out = {}
-    for key, tensor in state.items():
-        name = exported_name(key.removeprefix("_orig_mod."))
-        out[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous().clone()
-    return out
+    """Our model's state dict renamed and cast to ``dtype`` (tensors already in it are not
+    copied: each parameter has its own memory, as safetensors wants)."""
+    return {
+        exported_name(key): tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        for key, tensor in state.items()
+    }
 
 
 def hf_config_fields(config: GPTConfig, tokenizer: Tokenizer) -> dict:
-    """The fields of ``NanochatFullConfig`` that describe ``config``, the token ids, and
-    ``stop_token_ids`` (the engine's stops, for the generation config). UsageError for a
-    GPTConfig field this export does not know (a feature without weights of its own would
-    otherwise be dropped without a word)."""
-    from nanochat.inference.engine import STOP_TOKENS
-
+    """The fields of ``NanochatFullConfig`` that describe ``config``, and the token ids.
+    UsageError for a GPTConfig field this export does not know (a feature without weights of
+    its own would otherwise be dropped without a word)."""
     unknown = sorted({f.name for f in dataclasses.fields(config)} - KNOWN_CONFIG)
     if unknown:
         raise UsageError(
@@ -124,8 +120,14 @@ def hf_config_fields(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "eos_token_id": tokenizer.special_id("<|assistant_end|>"),
         "pad_token_id": tokenizer.special_id("<|assistant_end|>"),
         "tie_word_embeddings": False,
-        "stop_token_ids": [tokenizer.special_id(name) for name in STOP_TOKENS],
     }
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """Where a reply ends: the engine's stop tokens (for the generation config)."""
+    from nanochat.inference.engine import STOP_TOKENS
+
+    return [tokenizer.special_id(name) for name in STOP_TOKENS]
 
 
 def features(config: GPTConfig) -> list[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nanochat.export.hf_weights import features
 from nanochat.model.gpt import GPTConfig
-from nanochat.report import find_sections, load_record, summary_table
+from nanochat.report import load_records, summary_table
 
 # The report sections whose facts describe how the model was made, in pipeline order.
 TRAINING_SECTIONS = ("tokenizer", "pretrain", "midtrain", "sft", "rl")
@@ -31,14 +32,13 @@ def _facts(record: dict) -> list[str]:
 def model_card(
     name: str,
     config: GPTConfig,
-    features: list[str],
     checkpoint: dict,
     report_dir: Path,
     parity: dict,
 ) -> str:
     """The card's text. ``checkpoint``: kind, tag, step, run_config, val_bpb (what the meta
     holds); ``parity``: the export's own check (max logit difference, prompts, dtype)."""
-    records = {stage: load_record(report_dir, stage) for stage in find_sections(report_dir)}
+    records = load_records(report_dir)
     run_config = checkpoint.get("run_config") or {}
     lines = [
         "---",
@@ -78,7 +78,7 @@ def model_card(
         f"- layers {config.n_layer}, width {config.n_embd}, heads {config.n_head} "
         f"(kv heads {config.n_kv_head}), head dim {config.head_dim}",
         f"- vocabulary {config.vocab_size} (byte-level BPE), context {config.sequence_len}",
-        f"- features: {', '.join(features) or 'none (the plain recipe)'}",
+        f"- features: {', '.join(features(config)) or 'none (the plain recipe)'}",
         f"- checkpoint: {checkpoint.get('kind')} / {checkpoint.get('tag')} / step "
         f"{checkpoint.get('step')}"
         + (

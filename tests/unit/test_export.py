@@ -324,10 +324,15 @@ def test_a_failed_check_keeps_nothing_and_a_rerun_replaces(tokenizer, tmp_path, 
         with pytest.raises(StageFailed, match="not kept"):
             hf_folder.export(base, "sft", "check", dest=dest, dtype=dtype)
     assert (dest / "model.safetensors").read_bytes() == before  # the old export stands
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left
+    beside = sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock")  # the export lock
+    assert beside == ["out"]  # no temp folder left
     monkeypatch.setattr(hf_folder, "TOLERANCE", 1e-4)
+    # What a killed export leaves (its work folder, the old export moved aside) goes on rerun.
+    (tmp_path / ".out.export-killed").mkdir()
+    (tmp_path / ".out.old-killed").mkdir()
+    (tmp_path / ".out.old-killed" / "model.safetensors").write_bytes(b"old")
     hf_folder.export(base, "sft", "check", dest=dest)  # replaces the old export whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["out"]
 
 
 def test_large_weights_are_sharded_with_an_index(tokenizer, tmp_path, monkeypatch):
